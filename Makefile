@@ -1,0 +1,140 @@
+# toy_llm: fetch the pinned ggml, build libtinynn + its cffi binding, run things.
+#
+#   make            .venv, ggml (static), libtinynn.so, the cffi extension, editable install
+#   make test       the above + test deps + llama-cpp-python oracle, then pytest
+#   make demo       the above + the default SmolLM2 model, greedy "The capital of France is"
+#   make CUDA=1     add ggml's CUDA backend (CUDA_ARCH=90 by default)
+#   make bench      call-overhead and decode-speed figures
+#
+# ggml comes from the llama-cpp-python sdist (never committed); its sha256 is checked.
+
+PYTHON      ?= python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+PIP         := $(VPY) -m pip
+BUILD       := build
+SDIST_VER   := 0.3.36
+SDIST_SHA   := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+SDIST_TGZ   := $(BUILD)/llama_cpp_python-$(SDIST_VER).tar.gz
+SDIST_DIR   := $(BUILD)/llama_cpp_python-$(SDIST_VER)
+LLAMA_DIR   := $(SDIST_DIR)/vendor/llama.cpp
+GGML_INC    := $(LLAMA_DIR)/ggml/include
+JOBS        ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+
+CUDA        ?= 0
+CUDA_ARCH   ?= 90
+UNAME_S     := $(shell uname -s)
+
+GGML_CMAKE  := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
+               -DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+               -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF
+TNN_CFLAGS  := -O2 -std=c11 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter -Ilibtinynn -I$(GGML_INC)
+GGML_TAG    := cpu
+ifeq ($(CUDA),1)
+  GGML_TAG   := cuda$(CUDA_ARCH)
+  GGML_CMAKE += -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
+  TNN_CFLAGS += -DTNN_HAVE_CUDA
+  CUDA_HOME  ?= /usr/local/cuda
+  TNN_SYS_LIBS   := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib64/stubs -lcudart -lcublas -lcublasLt -lcuda
+endif
+ifeq ($(UNAME_S),Darwin)
+  GGML_TAG   := metal
+  GGML_CMAKE += -DGGML_METAL=ON -DGGML_METAL_EMBED_LIBRARY=ON
+  TNN_CFLAGS += -DTNN_HAVE_METAL
+  TNN_SYS_LIBS := -framework Foundation -framework Metal -framework MetalKit -framework Accelerate
+endif
+GGML_BUILD_DIR := $(BUILD)/ggml-$(GGML_TAG)
+GGML_LIBS   := $(GGML_BUILD_DIR)/ggml/src/libggml.a $(GGML_BUILD_DIR)/ggml/src/libggml-cpu.a \
+               $(GGML_BUILD_DIR)/ggml/src/libggml-base.a
+ifeq ($(CUDA),1)
+  GGML_LIBS  += $(GGML_BUILD_DIR)/ggml/src/ggml-cuda/libggml-cuda.a
+endif
+ifeq ($(UNAME_S),Darwin)
+  GGML_LIBS  += $(GGML_BUILD_DIR)/ggml/src/ggml-metal/libggml-metal.a $(GGML_BUILD_DIR)/ggml/src/ggml-blas/libggml-blas.a
+  LINK_GROUP  = $(GGML_LIBS)
+else
+  LINK_GROUP  = -Wl,--start-group $(GGML_LIBS) -Wl,--end-group
+endif
+
+TNN_SRCS    := $(wildcard libtinynn/*.c)
+TNN_HDRS    := $(wildcard libtinynn/*.h)
+TNN_SO      := toy_llm/tinynn/libtinynn.so
+FFI_STAMP   := $(BUILD)/.ffi-stamp
+MODEL_DIR   := models
+SMOLLM2     := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: all venv ggml lib ffi test demo bench clean distclean models oracle
+
+all: $(VENV)/.installed $(FFI_STAMP)
+
+# ---- python environment -------------------------------------------------
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "cffi>=1.15" "numpy>=1.24" "gguf>=0.10" "regex>=2023.0" "jinja2>=3.1" "tqdm>=4.60" "setuptools>=70" wheel
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+# ---- ggml from the pinned sdist ------------------------------------------
+$(SDIST_TGZ): | $(VENV)/.base
+	mkdir -p $(BUILD)
+	$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(SDIST_VER) -d $(BUILD)
+	echo "$(SDIST_SHA)  $@" | sha256sum -c - || (rm -f $@; exit 1)
+	touch $@
+
+$(SDIST_DIR)/.extracted: $(SDIST_TGZ)
+	tar -xzf $< -C $(BUILD)
+	touch $@
+
+$(GGML_BUILD_DIR)/.built: $(SDIST_DIR)/.extracted
+	cmake -S $(LLAMA_DIR) -B $(GGML_BUILD_DIR) $(GGML_CMAKE) > $(BUILD)/cmake-$(GGML_TAG).log
+	cmake --build $(GGML_BUILD_DIR) --target ggml -j $(JOBS)
+	touch $@
+
+ggml: $(GGML_BUILD_DIR)/.built
+
+# ---- libtinynn + cffi ------------------------------------------------------
+$(TNN_SO): $(TNN_SRCS) $(TNN_HDRS) $(GGML_BUILD_DIR)/.built
+	$(CC) $(TNN_CFLAGS) -shared $(TNN_SRCS) -o $@ $(LINK_GROUP) $(TNN_SYS_LIBS) -lstdc++ -lm -lpthread
+
+lib: $(TNN_SO)
+
+$(FFI_STAMP): $(TNN_SO) libtinynn/tinynn.h toy_llm/tinynn/_ffi_build.py $(VENV)/.installed
+	$(VPY) -m toy_llm.tinynn._ffi_build
+	touch $@
+
+ffi: $(FFI_STAMP)
+
+# ---- models ---------------------------------------------------------------
+$(SMOLLM2): | $(VENV)/.base
+	$(VPY) -m toy_llm.fetch smollm2 --dest $(MODEL_DIR)
+
+models: $(SMOLLM2)
+
+# ---- tests, demo, bench -----------------------------------------------------
+$(VENV)/.oracle: $(VENV)/.base tests/requirements-oracle.txt
+	$(PIP) install -q "pytest>=7" "hypothesis>=6" diskcache typing-extensions
+	$(PIP) install --no-deps --require-hashes -r tests/requirements-oracle.txt
+	touch $@
+
+oracle: $(VENV)/.oracle
+
+test: all $(VENV)/.oracle $(SMOLLM2)
+	$(VPY) -m pytest -q tests
+
+demo: all $(SMOLLM2)
+	$(VPY) -m toy_llm generate "The capital of France is" -n 24
+
+bench: all $(SMOLLM2)
+	$(VPY) -m toy_llm bench
+
+clean:
+	rm -rf $(TNN_SO) toy_llm/tinynn/_tinynn_api*.so $(FFI_STAMP) $(BUILD)/cffi
+
+distclean: clean
+	rm -rf $(BUILD) $(VENV) $(MODEL_DIR)

@@ -1,0 +1,611 @@
+/* Sessions, persistent buffers, the weight mapping, and the graph life cycle:
+ * backend -> buffers -> graph -> compute, as in ggml's simple-backend example. */
+#include "tinynn_internal.h"
+
+#include "ggml-cpu.h"
+#ifdef TNN_HAVE_CUDA
+#include "ggml-cuda.h"
+#endif
+#ifdef TNN_HAVE_METAL
+#include "ggml-metal.h"
+#endif
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TNN_SESSION_MAGIC 0x544e4e53u /* "TNNS" */
+
+static tnn_session * g_live_sessions = NULL;
+
+/* ------------------------------------------------------------------ checks */
+
+bool tnn_check_session(const tnn_session * sess, const char * fn) {
+    if (sess == NULL) {
+        tnn_set_error("%s: session handle is NULL", fn);
+        return false;
+    }
+    for (const tnn_session * s = g_live_sessions; s != NULL; s = s->next_live) {
+        if (s == sess) {
+            return true;
+        }
+    }
+    tnn_set_error("%s: session handle %p is not a live session (freed or never created)", fn, (const void *) sess);
+    return false;
+}
+
+static bool ptr_in_ctx(const struct ggml_context * ctx, const void * p, bool below_used) {
+    if (ctx == NULL) return false;
+    const char * base = (const char *) ggml_get_mem_buffer(ctx);
+    size_t size = below_used ? ggml_used_mem(ctx) : ggml_get_mem_size(ctx);
+    return (const char *) p >= base && (const char *) p < base + size;
+}
+
+bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg) {
+    if (t == NULL) {
+        tnn_set_error("%s: tensor argument '%s' is NULL", fn, arg);
+        return false;
+    }
+    if (sess != NULL) {
+        /* Tensor structs live inside their context's memory pool, so a handle
+         * from another session, or a compute tensor from before the last
+         * rebuild, is outside every pool of this session. */
+        if (!ptr_in_ctx(sess->ctx_w, t, true) && !ptr_in_ctx(sess->ctx_mmap, t, true) &&
+            !ptr_in_ctx(sess->ctx_c, t, true)) {
+            tnn_set_error("%s: tensor argument '%s' (%p) does not belong to this session "
+                          "(another session's, or a stale compute tensor from before tnn_reset_for_rebuild)",
+                          fn, arg, (const void *) t);
+            return false;
+        }
+    }
+    return true;
+}
+
+bool tnn_check_type(int type, const char * fn) {
+    if (type < 0 || type >= GGML_TYPE_COUNT) {
+        tnn_set_error("%s: unknown ggml type %d (valid: 0..%d)", fn, type, GGML_TYPE_COUNT - 1);
+        return false;
+    }
+    const struct ggml_type_traits * tr = ggml_get_type_traits((enum ggml_type) type);
+    if (tr->blck_size == 0 || tr->type_size == 0) {
+        tnn_set_error("%s: ggml type %d is a removed/placeholder type", fn, type);
+        return false;
+    }
+    return true;
+}
+
+void tnn_shape_str(const struct ggml_tensor * t, char * buf, size_t n) {
+    snprintf(buf, n, "%s[%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "]", ggml_type_name(t->type),
+             t->ne[0], t->ne[1], t->ne[2], t->ne[3]);
+}
+
+static bool check_dims(const char * fn, int64_t a, int64_t b, int64_t c) {
+    if (a <= 0 || b <= 0 || c <= 0) {
+        tnn_set_error("%s: dimensions must be positive, got %" PRId64 ", %" PRId64 ", %" PRId64, fn, a, b, c);
+        return false;
+    }
+    return true;
+}
+
+static bool check_row_blocks(const char * fn, int type, int64_t ne0) {
+    int64_t bs = ggml_blck_size((enum ggml_type) type);
+    if (ne0 % bs != 0) {
+        tnn_set_error("%s: row length %" PRId64 " is not a multiple of the %s block size %" PRId64, fn, ne0,
+                      ggml_type_name((enum ggml_type) type), bs);
+        return false;
+    }
+    return true;
+}
+
+static bool ctx_has_room(struct ggml_context * ctx, const char * fn, const char * what) {
+    if (ggml_used_mem(ctx) + 8 * ggml_tensor_overhead() > ggml_get_mem_size(ctx)) {
+        tnn_set_error("%s: the %s context is full (%zu bytes of tensor metadata)", fn, what, ggml_get_mem_size(ctx));
+        return false;
+    }
+    return true;
+}
+
+bool tnn_check_graph_ready(const tnn_session * sess, const char * fn) {
+    if (sess->ctx_c == NULL || sess->gf == NULL) {
+        tnn_set_error("%s: no compute graph; call tnn_reset_for_rebuild first", fn);
+        return false;
+    }
+    if (!ctx_has_room(sess->ctx_c, fn, "compute")) {
+        return false;
+    }
+    return true;
+}
+
+/* ------------------------------------------------------------------ sessions */
+
+int tnn_have_backend(int kind) {
+    switch (kind) {
+        case 0: return 1;
+#ifdef TNN_HAVE_CUDA
+        case 1: return 1;
+#endif
+#ifdef TNN_HAVE_METAL
+        case 2: return 1;
+#endif
+        default: return 0;
+    }
+}
+
+static struct ggml_context * new_meta_ctx(size_t n_tensors, size_t extra) {
+    struct ggml_init_params p = {
+        /*.mem_size   =*/ n_tensors * ggml_tensor_overhead() + extra,
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ true,
+    };
+    return ggml_init(p);
+}
+
+tnn_session * tnn_session_new(int kind) {
+    tnn_install_log_hook();
+    if (kind < 0 || kind > 2) {
+        tnn_set_error("tnn_session_new: unknown backend kind %d (0=CPU, 1=CUDA, 2=Metal)", kind);
+        return NULL;
+    }
+    tnn_session * s = (tnn_session *) calloc(1, sizeof(*s));
+    if (!s) {
+        tnn_set_error("tnn_session_new: out of memory");
+        return NULL;
+    }
+    s->kind = 0;
+#ifdef TNN_HAVE_CUDA
+    if (kind == 1) {
+        s->backend = ggml_backend_cuda_init(0);
+        if (s->backend) s->kind = 1;
+    }
+#endif
+#ifdef TNN_HAVE_METAL
+    if (kind == 2) {
+        s->backend = ggml_backend_metal_init();
+        if (s->backend) s->kind = 2;
+    }
+#endif
+    if (s->backend == NULL) {
+        s->backend = ggml_backend_cpu_init(); /* fallback: the requested backend is not compiled in */
+    }
+    if (s->backend == NULL) {
+        tnn_set_error("tnn_session_new: could not initialise any ggml backend");
+        free(s);
+        return NULL;
+    }
+    s->n_threads = 1;
+    s->ctx_w = new_meta_ctx(TNN_MAX_PERSISTENT_TENSORS, 0);
+    s->ctx_mmap = new_meta_ctx(TNN_MAX_MMAP_TENSORS_DEFAULT, 0);
+    s->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(s->backend));
+    if (!s->ctx_w || !s->ctx_mmap || !s->galloc) {
+        tnn_set_error("tnn_session_new: out of memory for contexts");
+        if (s->ctx_w) ggml_free(s->ctx_w);
+        if (s->ctx_mmap) ggml_free(s->ctx_mmap);
+        if (s->galloc) ggml_gallocr_free(s->galloc);
+        ggml_backend_free(s->backend);
+        free(s);
+        return NULL;
+    }
+    s->magic = TNN_SESSION_MAGIC;
+    s->next_live = g_live_sessions;
+    g_live_sessions = s;
+    return s;
+}
+
+int tnn_session_free(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_session_free")) return -1;
+    for (tnn_session ** pp = &g_live_sessions; *pp; pp = &(*pp)->next_live) {
+        if (*pp == sess) {
+            *pp = sess->next_live;
+            break;
+        }
+    }
+    if (sess->ctx_c) ggml_free(sess->ctx_c);
+    ggml_gallocr_free(sess->galloc);
+    if (sess->buf_w) ggml_backend_buffer_free(sess->buf_w);
+    if (sess->buf_mmap) ggml_backend_buffer_free(sess->buf_mmap);
+    ggml_free(sess->ctx_w);
+    ggml_free(sess->ctx_mmap);
+    free(sess->mmap_bindings);
+    ggml_backend_free(sess->backend);
+    sess->magic = 0;
+    free(sess);
+    return 0;
+}
+
+const char * tnn_backend_name(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_backend_name")) return NULL;
+    return ggml_backend_name(sess->backend);
+}
+
+int tnn_session_backend_kind(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_session_backend_kind")) return -1;
+    return sess->kind;
+}
+
+int tnn_session_set_n_threads(tnn_session * sess, int n_threads) {
+    if (!tnn_check_session(sess, "tnn_session_set_n_threads")) return -1;
+    if (n_threads < 1 || n_threads > 512) {
+        tnn_set_error("tnn_session_set_n_threads: n_threads must be in 1..512, got %d", n_threads);
+        return -1;
+    }
+    sess->n_threads = n_threads;
+    if (sess->kind == 0) {
+        ggml_backend_cpu_set_n_threads(sess->backend, n_threads);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ persistent tensors */
+
+static bool check_can_declare(tnn_session * sess, const char * fn) {
+    if (!tnn_check_session(sess, fn)) return false;
+    if (sess->finalized) {
+        tnn_set_error("%s: persistent tensors must be declared before tnn_finalize_weights", fn);
+        return false;
+    }
+    return ctx_has_room(sess->ctx_w, fn, "persistent");
+}
+
+static tnn_tensor * new_persistent(tnn_session * sess, const char * fn, int type, int n_dims, int64_t ne0,
+                                   int64_t ne1, int64_t ne2) {
+    if (!check_can_declare(sess, fn)) return NULL;
+    if (!tnn_check_type(type, fn)) return NULL;
+    if (!check_dims(fn, ne0, ne1, ne2)) return NULL;
+    if (!check_row_blocks(fn, type, ne0)) return NULL;
+    struct ggml_tensor * t = NULL;
+    switch (n_dims) {
+        case 1: t = ggml_new_tensor_1d(sess->ctx_w, (enum ggml_type) type, ne0); break;
+        case 2: t = ggml_new_tensor_2d(sess->ctx_w, (enum ggml_type) type, ne0, ne1); break;
+        default: t = ggml_new_tensor_3d(sess->ctx_w, (enum ggml_type) type, ne0, ne1, ne2); break;
+    }
+    return t;
+}
+
+tnn_tensor * tnn_input_1d_f32_persistent(tnn_session * sess, int64_t n) {
+    return new_persistent(sess, "tnn_input_1d_f32_persistent", GGML_TYPE_F32, 1, n, 1, 1);
+}
+
+tnn_tensor * tnn_input_2d_f32_persistent(tnn_session * sess, int64_t rows, int64_t cols) {
+    return new_persistent(sess, "tnn_input_2d_f32_persistent", GGML_TYPE_F32, 2, cols, rows, 1);
+}
+
+tnn_tensor * tnn_input_2d_persistent_typed(tnn_session * sess, int64_t rows, int64_t cols, int type) {
+    return new_persistent(sess, "tnn_input_2d_persistent_typed", type, 2, cols, rows, 1);
+}
+
+tnn_tensor * tnn_input_3d_persistent_typed(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type) {
+    return new_persistent(sess, "tnn_input_3d_persistent_typed", type, 3, ne0, ne1, ne2);
+}
+
+tnn_tensor * tnn_rope_freq_factors_alloc(tnn_session * sess, int64_t d_head) {
+    if (d_head <= 0 || d_head % 2 != 0) {
+        tnn_set_error("tnn_rope_freq_factors_alloc: d_head must be positive and even, got %" PRId64, d_head);
+        return NULL;
+    }
+    return new_persistent(sess, "tnn_rope_freq_factors_alloc", GGML_TYPE_F32, 1, d_head / 2, 1, 1);
+}
+
+int tnn_finalize_weights(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_finalize_weights")) return -1;
+    if (sess->finalized) {
+        tnn_set_error("tnn_finalize_weights: already finalized");
+        return -1;
+    }
+    if (ggml_get_first_tensor(sess->ctx_w) != NULL) {
+        sess->buf_w = ggml_backend_alloc_ctx_tensors(sess->ctx_w, sess->backend);
+        if (sess->buf_w == NULL) {
+            tnn_set_error("tnn_finalize_weights: could not allocate the persistent buffer on %s",
+                          ggml_backend_name(sess->backend));
+            return -1;
+        }
+        /* KV caches and adapters start at zero; every position is written before it is read. */
+        ggml_backend_buffer_clear(sess->buf_w, 0);
+    }
+    if (sess->n_mmap_bindings > 0 && sess->buf_mmap == NULL) {
+        /* Device backend: the mapping is not addressable by the device, so copy once. */
+        sess->buf_mmap = ggml_backend_alloc_ctx_tensors(sess->ctx_mmap, sess->backend);
+        if (sess->buf_mmap == NULL) {
+            tnn_set_error("tnn_finalize_weights: could not allocate the weight buffer on %s",
+                          ggml_backend_name(sess->backend));
+            return -1;
+        }
+        ggml_backend_buffer_set_usage(sess->buf_mmap, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        for (int64_t i = 0; i < sess->n_mmap_bindings; i++) {
+            struct ggml_tensor * t = sess->mmap_bindings[i].t;
+            ggml_backend_tensor_set(t, sess->mmap_base + sess->mmap_bindings[i].offset, 0, ggml_nbytes(t));
+            sess->mmap_copy_bytes += (int64_t) ggml_nbytes(t);
+        }
+    }
+    sess->finalized = true;
+    return 0;
+}
+
+int tnn_is_finalized(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_is_finalized")) return -1;
+    return sess->finalized ? 1 : 0;
+}
+
+/* ------------------------------------------------------------------ the weight mapping */
+
+int tnn_session_attach_weight_mmap(tnn_session * sess, void * base, int64_t size) {
+    const char * fn = "tnn_session_attach_weight_mmap";
+    if (!tnn_check_session(sess, fn)) return -1;
+    if (base == NULL || size <= 0) {
+        tnn_set_error("%s: mapping base is NULL or size %" PRId64 " is not positive", fn, size);
+        return -1;
+    }
+    if (sess->mmap_base != NULL) {
+        tnn_set_error("%s: a weight mapping is already attached to this session", fn);
+        return -1;
+    }
+    if (sess->finalized) {
+        tnn_set_error("%s: attach the mapping before tnn_finalize_weights", fn);
+        return -1;
+    }
+    if (((uintptr_t) base) % 64 != 0) {
+        tnn_set_error("%s: mapping base %p is not 64-byte aligned", fn, base);
+        return -1;
+    }
+    sess->mmap_base = (char *) base;
+    sess->mmap_size = size;
+    if (sess->kind == 0) {
+        /* Host backend: tensors point straight into the mapped pages, no copy. */
+        sess->buf_mmap = ggml_backend_cpu_buffer_from_ptr(base, (size_t) size);
+        ggml_backend_buffer_set_usage(sess->buf_mmap, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    }
+    return 0;
+}
+
+static tnn_tensor * new_mmap_tensor(tnn_session * sess, const char * fn, int type, int n_dims, int64_t ne0,
+                                    int64_t ne1, int64_t ne2, int64_t offset) {
+    if (!tnn_check_session(sess, fn)) return NULL;
+    if (sess->mmap_base == NULL) {
+        tnn_set_error("%s: no weight mapping attached; call tnn_session_attach_weight_mmap first", fn);
+        return NULL;
+    }
+    if (sess->finalized) {
+        tnn_set_error("%s: mapped tensors must be declared before tnn_finalize_weights", fn);
+        return NULL;
+    }
+    if (!ctx_has_room(sess->ctx_mmap, fn, "mapped-weight")) return NULL;
+    if (!tnn_check_type(type, fn)) return NULL;
+    if (!check_dims(fn, ne0, ne1, ne2)) return NULL;
+    if (!check_row_blocks(fn, type, ne0)) return NULL;
+    int64_t nbytes = (int64_t) ggml_row_size((enum ggml_type) type, ne0) * ne1 * ne2;
+    if (offset < 0 || offset > sess->mmap_size || nbytes > sess->mmap_size - offset) {
+        tnn_set_error("%s: byte range [%" PRId64 ", %" PRId64 ") lies outside the %" PRId64 "-byte mapping", fn,
+                      offset, offset + nbytes, sess->mmap_size);
+        return NULL;
+    }
+    if (offset % 4 != 0) {
+        tnn_set_error("%s: offset %" PRId64 " is not 4-byte aligned", fn, offset);
+        return NULL;
+    }
+    struct ggml_tensor * t = NULL;
+    switch (n_dims) {
+        case 1: t = ggml_new_tensor_1d(sess->ctx_mmap, (enum ggml_type) type, ne0); break;
+        case 2: t = ggml_new_tensor_2d(sess->ctx_mmap, (enum ggml_type) type, ne0, ne1); break;
+        default: t = ggml_new_tensor_3d(sess->ctx_mmap, (enum ggml_type) type, ne0, ne1, ne2); break;
+    }
+    if (sess->buf_mmap != NULL) {
+        if (ggml_backend_tensor_alloc(sess->buf_mmap, t, sess->mmap_base + offset) != GGML_STATUS_SUCCESS) {
+            tnn_set_error("%s: ggml could not bind the tensor at offset %" PRId64, fn, offset);
+            return NULL;
+        }
+        return t;
+    }
+    struct tnn_mmap_binding * nb = (struct tnn_mmap_binding *) realloc(
+        sess->mmap_bindings, (size_t) (sess->n_mmap_bindings + 1) * sizeof(*nb));
+    if (!nb) {
+        tnn_set_error("%s: out of memory", fn);
+        return NULL;
+    }
+    sess->mmap_bindings = nb;
+    nb[sess->n_mmap_bindings].t = t;
+    nb[sess->n_mmap_bindings].offset = offset;
+    sess->n_mmap_bindings++;
+    return t;
+}
+
+tnn_tensor * tnn_input_1d_persistent_mmap(tnn_session * sess, int64_t n, int type, int64_t offset) {
+    return new_mmap_tensor(sess, "tnn_input_1d_persistent_mmap", type, 1, n, 1, 1, offset);
+}
+
+tnn_tensor * tnn_input_2d_persistent_mmap(tnn_session * sess, int64_t rows, int64_t cols, int type, int64_t offset) {
+    return new_mmap_tensor(sess, "tnn_input_2d_persistent_mmap", type, 2, cols, rows, 1, offset);
+}
+
+tnn_tensor * tnn_input_3d_persistent_mmap(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type,
+                                          int64_t offset) {
+    return new_mmap_tensor(sess, "tnn_input_3d_persistent_mmap", type, 3, ne0, ne1, ne2, offset);
+}
+
+int64_t tnn_session_mmap_resident_copy_bytes(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_session_mmap_resident_copy_bytes")) return -1;
+    return sess->mmap_copy_bytes;
+}
+
+/* ------------------------------------------------------------------ graph life cycle */
+
+#define TNN_GRAPH_SIZE (TNN_MAX_GRAPH_NODES + TNN_MAX_PERSISTENT_TENSORS + TNN_MAX_MMAP_TENSORS_DEFAULT)
+
+int tnn_reset_for_rebuild(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_reset_for_rebuild")) return -1;
+    if (sess->ctx_c) {
+        ggml_free(sess->ctx_c);
+        sess->ctx_c = NULL;
+        sess->gf = NULL;
+    }
+    sess->ctx_c = new_meta_ctx(TNN_MAX_GRAPH_NODES, ggml_graph_overhead_custom(TNN_GRAPH_SIZE, false));
+    if (!sess->ctx_c) {
+        tnn_set_error("tnn_reset_for_rebuild: out of memory for the compute context");
+        return -1;
+    }
+    /* graph size bounds nodes and leafs: every node is a compute tensor and
+     * every leaf a compute or persistent tensor, so it can never overflow */
+    sess->gf = ggml_new_graph_custom(sess->ctx_c, TNN_GRAPH_SIZE, false);
+    sess->graph_allocated = false;
+    return 0;
+}
+
+static tnn_tensor * new_graph_input(tnn_session * sess, const char * fn, int type, int64_t ne0, int64_t ne1,
+                                    int64_t ne2, int64_t ne3) {
+    if (!tnn_check_session(sess, fn)) return NULL;
+    if (!tnn_check_graph_ready(sess, fn)) return NULL;
+    if (!tnn_check_type(type, fn)) return NULL;
+    if (!check_dims(fn, ne0, ne1, ne2) || !check_dims(fn, ne3, 1, 1)) return NULL;
+    if (!check_row_blocks(fn, type, ne0)) return NULL;
+    struct ggml_tensor * t = ggml_new_tensor_4d(sess->ctx_c, (enum ggml_type) type, ne0, ne1, ne2, ne3);
+    ggml_set_input(t);
+    return t;
+}
+
+tnn_tensor * tnn_input_1d_i32(tnn_session * sess, int64_t n) {
+    return new_graph_input(sess, "tnn_input_1d_i32", GGML_TYPE_I32, n, 1, 1, 1);
+}
+
+tnn_tensor * tnn_input_1d_i32_ctx(tnn_session * sess, int64_t n) {
+    return new_graph_input(sess, "tnn_input_1d_i32_ctx", GGML_TYPE_I32, n, 1, 1, 1);
+}
+
+tnn_tensor * tnn_input_1d_f32(tnn_session * sess, int64_t n) {
+    return new_graph_input(sess, "tnn_input_1d_f32", GGML_TYPE_F32, n, 1, 1, 1);
+}
+
+tnn_tensor * tnn_input_2d_f32(tnn_session * sess, int64_t rows, int64_t cols) {
+    return new_graph_input(sess, "tnn_input_2d_f32", GGML_TYPE_F32, cols, rows, 1, 1);
+}
+
+tnn_tensor * tnn_input_4d(tnn_session * sess, int type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3) {
+    return new_graph_input(sess, "tnn_input_4d", type, ne0, ne1, ne2, ne3);
+}
+
+int tnn_add_to_graph(tnn_session * sess, tnn_tensor * t) {
+    const char * fn = "tnn_add_to_graph";
+    if (!tnn_check_session(sess, fn) || !tnn_check_tensor(sess, t, fn, "t")) return -1;
+    if (sess->gf == NULL) {
+        tnn_set_error("%s: no compute graph; call tnn_reset_for_rebuild first", fn);
+        return -1;
+    }
+    if (sess->graph_allocated) {
+        tnn_set_error("%s: the graph is already realized; rebuild to change it", fn);
+        return -1;
+    }
+    ggml_build_forward_expand(sess->gf, t);
+    return 0;
+}
+
+int tnn_set_output(tnn_tensor * t) {
+    if (!tnn_check_tensor(NULL, t, "tnn_set_output", "t")) return -1;
+    ggml_set_output(t);
+    return 0;
+}
+
+int tnn_set_input(tnn_tensor * t) {
+    if (!tnn_check_tensor(NULL, t, "tnn_set_input", "t")) return -1;
+    ggml_set_input(t);
+    return 0;
+}
+
+int tnn_set_param(tnn_tensor * t) {
+    if (!tnn_check_tensor(NULL, t, "tnn_set_param", "t")) return -1;
+    if (t->op != GGML_OP_NONE) {
+        tnn_set_error("tnn_set_param: only leaf tensors (weights, adapters) can be parameters, got op %s",
+                      ggml_op_name(t->op));
+        return -1;
+    }
+    ggml_set_param(t);
+    return 0;
+}
+
+int tnn_set_name(tnn_tensor * t, const char * name) {
+    if (!tnn_check_tensor(NULL, t, "tnn_set_name", "t")) return -1;
+    if (name == NULL) {
+        tnn_set_error("tnn_set_name: name is NULL");
+        return -1;
+    }
+    ggml_set_name(t, name);
+    return 0;
+}
+
+int tnn_realize(tnn_session * sess, tnn_tensor * root) {
+    const char * fn = "tnn_realize";
+    if (!tnn_check_session(sess, fn) || !tnn_check_tensor(sess, root, fn, "root")) return -1;
+    if (sess->gf == NULL) {
+        tnn_set_error("%s: no compute graph; call tnn_reset_for_rebuild first", fn);
+        return -1;
+    }
+    if (!sess->finalized) {
+        tnn_set_error("%s: call tnn_finalize_weights before realizing a graph", fn);
+        return -1;
+    }
+    if (sess->graph_allocated) {
+        tnn_set_error("%s: the graph is already realized; call tnn_reset_for_rebuild to build a new one", fn);
+        return -1;
+    }
+    ggml_set_output(root);
+    ggml_build_forward_expand(sess->gf, root);
+    int n = ggml_graph_n_nodes(sess->gf);
+    for (int i = 0; i < n; i++) {
+        struct ggml_tensor * node = ggml_graph_node(sess->gf, i);
+        if (!ggml_backend_supports_op(sess->backend, node)) {
+            char sh[128];
+            tnn_shape_str(node, sh, sizeof sh);
+            tnn_set_error("%s: backend %s does not support op %s on %s (node %d '%s')", fn,
+                          ggml_backend_name(sess->backend), ggml_op_desc(node), sh, i, node->name);
+            return -1;
+        }
+    }
+    if (!ggml_gallocr_alloc_graph(sess->galloc, sess->gf)) {
+        tnn_set_error("%s: could not allocate the compute graph (%d nodes)", fn, n);
+        return -1;
+    }
+    sess->graph_allocated = true;
+    return 0;
+}
+
+int tnn_graph_n_nodes(tnn_session * sess) {
+    if (!tnn_check_session(sess, "tnn_graph_n_nodes")) return -1;
+    return sess->gf ? ggml_graph_n_nodes(sess->gf) : 0;
+}
+
+/* Index-valued leaf inputs are data, not shapes: ggml's CPU kernels assert on
+ * an out-of-range row id, so check them on the host before computing. */
+static bool check_index_input(const char * what, const struct ggml_tensor * ids, int64_t limit) {
+    if (ids->op != GGML_OP_NONE || ids->type != GGML_TYPE_I32 || ids->buffer == NULL ||
+        !ggml_backend_buffer_is_host(ids->buffer)) {
+        return true; /* computed by the graph (e.g. top_k), valid by construction */
+    }
+    const int32_t * v = (const int32_t *) ids->data;
+    int64_t n = ggml_nelements(ids);
+    for (int64_t i = 0; i < n; i++) {
+        if (v[i] < 0 || v[i] >= limit) {
+            tnn_set_error("tnn_compute: %s index %d at element %" PRId64 " of input '%s' is out of range [0, %" PRId64 ")",
+                          what, v[i], i, ids->name, limit);
+            return false;
+        }
+    }
+    return true;
+}
+
+int tnn_compute(tnn_session * sess) {
+    const char * fn = "tnn_compute";
+    if (!tnn_check_session(sess, fn)) return -1;
+    if (!sess->graph_allocated) {
+        tnn_set_error("%s: no realized graph; call tnn_realize first", fn);
+        return -1;
+    }
+    int n = ggml_graph_n_nodes(sess->gf);
+    for (int i = 0; i < n; i++) {
+        struct ggml_tensor * node = ggml_graph_node(sess->gf, i);
+        if (node->op == GGML_OP_GET_ROWS && !check_index_input("row", node->src[1], node->src[0]->ne[1])) return -1;
+        if (node->op == GGML_OP_MUL_MAT_ID && !check_index_input("expert", node->src[2], node->src[0]->ne[2])) return -1;
+    }
+    enum ggml_status st = ggml_backend_graph_compute(sess->backend, sess->gf);
+    if (st != GGML_STATUS_SUCCESS) {
+        tnn_set_error("%s: ggml_backend_graph_compute failed with status %d", fn, (int) st);
+        return -1;
+    }
+    return 0;
+}

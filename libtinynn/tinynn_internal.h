@@ -1,0 +1,62 @@
+/* Internals shared by the libtinynn sources: the session struct and the
+ * validation helpers every entry point uses before it touches ggml. */
+#ifndef TINYNN_INTERNAL_H
+#define TINYNN_INTERNAL_H
+
+#include "tinynn.h"
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <stdbool.h>
+
+#define TNN_MAX_MMAP_TENSORS_DEFAULT 65536
+#define TNN_MAX_PERSISTENT_TENSORS 65536
+#define TNN_MAX_GRAPH_NODES 131072
+
+/* A tensor that points into the attached weight mapping. On host backends
+ * it is bound in place; on device backends it is copied at finalize. */
+struct tnn_mmap_binding {
+    struct ggml_tensor * t;
+    int64_t offset;
+};
+
+struct tnn_session {
+    uint32_t magic;
+    int kind;                       /* backend actually running: 0 CPU, 1 CUDA, 2 Metal */
+    int n_threads;
+    ggml_backend_t backend;
+
+    struct ggml_context * ctx_w;    /* persistent tensors: weights, KV cache, adapters */
+    ggml_backend_buffer_t buf_w;
+    bool finalized;
+
+    struct ggml_context * ctx_mmap; /* tensors whose bytes live in the attached mapping */
+    ggml_backend_buffer_t buf_mmap; /* host: wraps the mapping; device: a copy */
+    char * mmap_base;
+    int64_t mmap_size;
+    struct tnn_mmap_binding * mmap_bindings;
+    int64_t n_mmap_bindings;
+    int64_t mmap_copy_bytes;
+
+    struct ggml_context * ctx_c;    /* compute graph tensors, rebuilt per step */
+    struct ggml_cgraph * gf;
+    ggml_gallocr_t galloc;
+    bool graph_allocated;
+
+    struct tnn_session * next_live; /* registry of live sessions, to reject stale handles */
+};
+
+/* errors (error.c) */
+void tnn_set_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
+void tnn_install_log_hook(void);
+
+/* validation helpers (session.c) */
+bool tnn_check_session(const tnn_session * sess, const char * fn);
+bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg);
+bool tnn_check_type(int type, const char * fn);
+bool tnn_check_graph_ready(const tnn_session * sess, const char * fn);
+void tnn_shape_str(const struct ggml_tensor * t, char * buf, size_t n);
+
+#endif

@@ -1,0 +1,225 @@
+"""cffi binding of libtinynn: every ``tnn_*`` function under its own name.
+
+Each wrapper calls the C function once and turns the shim's failure signal
+(NULL, or a negative number) into :class:`TinyNNError` carrying
+``tnn_last_error()``. Handles are cffi pointers; pass ``None`` for NULL.
+Host I/O helpers (:func:`upload`, :func:`download`) move whole numpy buffers
+in one call.
+
+Two cffi modes exist. API mode (a compiled extension, built by ``make``) is the
+default because it is faster per call (see README, "Call overhead"); ABI mode
+(``ffi.dlopen``) is the fallback when the extension is missing, or when
+``TINYNN_FFI=abi`` is set.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .cdef import read_cdef
+
+_PKG_DIR = Path(__file__).resolve().parent
+LIB_PATH = Path(os.environ.get("TINYNN_LIB", _PKG_DIR / "libtinynn.so"))
+
+
+class TinyNNError(RuntimeError):
+    """A libtinynn call failed; the message is the shim's ``tnn_last_error()``."""
+
+
+def _load(mode: str):
+    if mode == "api":
+        from . import _tinynn_api  # type: ignore[attr-defined]
+
+        return _tinynn_api.ffi, _tinynn_api.lib
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef(read_cdef())
+    if not LIB_PATH.exists():
+        raise ImportError(f"{LIB_PATH} not found: run `make` in the repository root to build libtinynn")
+    return ffi, ffi.dlopen(str(LIB_PATH))
+
+
+def _pick_mode() -> str:
+    want = os.environ.get("TINYNN_FFI", "api")
+    if want == "abi":
+        return "abi"
+    try:
+        from . import _tinynn_api  # noqa: F401  # type: ignore[attr-defined]
+
+        return "api"
+    except ImportError:
+        return "abi"
+
+
+MODE = _pick_mode()
+ffi, lib = _load(MODE)
+
+# GGML type ids used by the engine (ggml.h enum ggml_type).
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1 = 0, 1, 2, 3
+GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_Q8_1 = 6, 7, 8, 9
+GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K = 10, 11, 12, 13, 14
+GGML_TYPE_I32, GGML_TYPE_BF16 = 26, 30
+ROPE_NORMAL, ROPE_NEOX = 0, 2
+
+
+def last_error() -> str:
+    return ffi.string(lib.tnn_last_error()).decode("utf-8", "replace")
+
+
+# Functions whose negative/NULL results are values, not failures.
+#   tnn_gguf_find_index / tnn_gguf_get_bool: -1 means "absent"; -2 is an error.
+_ABSENT_IS_MINUS_ONE = {"tnn_gguf_find_index", "tnn_gguf_get_bool"}
+_NEVER_FAILS = {"tnn_null_ptr", "tnn_last_error", "tnn_clear_error", "tnn_type_name", "tnn_type_count",
+                "tnn_have_backend"}
+
+_DECL = re.compile(r"^\s*(?:const\s+)?(\w+)\s*(\*?)\s*(tnn_\w+)\s*\(", re.M)
+
+
+def _coerce(args):
+    """None -> NULL and str -> bytes; only on the slow path, after cffi refused the raw args."""
+    return tuple(ffi.NULL if x is None else x.encode() if isinstance(x, str) else x for x in args)
+
+
+def _make_wrapper(name: str, ctype: str, is_ptr: bool):
+    fn = getattr(lib, name)
+
+    def raw(*args):
+        try:
+            return fn(*args)
+        except TypeError:
+            return fn(*_coerce(args))
+
+    if name in _NEVER_FAILS:
+        if is_ptr and ctype == "char":
+            return lambda *a: ffi.string(raw(*a)).decode()
+        return raw
+    null = ffi.NULL
+    if is_ptr and ctype == "char":
+        def call(*args):
+            r = raw(*args)
+            if r == null:
+                raise TinyNNError(last_error())
+            return ffi.string(r).decode("utf-8", "replace")
+    elif is_ptr:
+        def call(*args):
+            try:
+                r = fn(*args)
+            except TypeError:
+                r = fn(*_coerce(args))
+            if r == null:
+                raise TinyNNError(last_error())
+            return r
+    elif ctype == "void":
+        return raw
+    else:
+        floor = -1 if name in _ABSENT_IS_MINUS_ONE else 0
+
+        def call(*args):
+            try:
+                r = fn(*args)
+            except TypeError:
+                r = fn(*_coerce(args))
+            if r < floor:
+                raise TinyNNError(last_error())
+            return r
+    call.__name__ = name
+    call.__qualname__ = name
+    call.__doc__ = f"libtinynn {name}; raises TinyNNError on failure."
+    return call
+
+
+def _export_all() -> list[str]:
+    names = []
+    for ctype, star, name in _DECL.findall(read_cdef()):
+        globals()[name] = _make_wrapper(name, ctype, bool(star))
+        names.append(name)
+    return names
+
+
+TNN_FUNCTIONS = _export_all()
+
+
+# ---------------------------------------------------------------- numpy host I/O
+
+def shape_of(t) -> tuple[int, ...]:
+    """numpy shape (row-major: ne reversed, trailing 1-dims of ne dropped) of a tensor."""
+    ne = [lib.tnn_tensor_ne(t, d) for d in range(4)]
+    if min(ne) < 0:
+        raise TinyNNError(last_error())
+    nd = max(1, lib.tnn_tensor_ndim(t))
+    return tuple(reversed(ne[:nd]))
+
+
+def upload(sess, t, arr) -> None:
+    """Copy a whole numpy array into tensor ``t`` (F32, I32, or raw bytes for other types)."""
+    ttype = lib.tnn_tensor_type(t) if t is not None else -1
+    if ttype == GGML_TYPE_F32:
+        a = np.ascontiguousarray(arr, dtype=np.float32)
+        rc = lib.tnn_tensor_set_f32(sess, t, ffi.from_buffer("float[]", a), a.size)
+    elif ttype == GGML_TYPE_I32:
+        a = np.ascontiguousarray(arr, dtype=np.int32)
+        rc = lib.tnn_tensor_set_i32(sess, t, ffi.from_buffer("int32_t[]", a), a.size)
+    else:
+        a = np.ascontiguousarray(arr)
+        rc = lib.tnn_tensor_set_raw(sess, t, ffi.from_buffer(a) if a.size else ffi.NULL, a.nbytes)
+    if rc < 0:
+        raise TinyNNError(last_error())
+
+
+def download(sess, t, raw: bool = False) -> np.ndarray:
+    """The whole tensor ``t`` as a numpy array shaped like ``shape_of(t)`` (raw uint8 bytes for quantized)."""
+    ttype = lib.tnn_tensor_type(t) if t is not None else -1
+    if ttype < 0:
+        raise TinyNNError(last_error())
+    if raw or ttype not in (GGML_TYPE_F32, GGML_TYPE_I32):
+        n = lib.tnn_tensor_nbytes(t)
+        out = np.empty(max(n, 0), dtype=np.uint8)
+        rc = lib.tnn_tensor_get_raw(sess, t, ffi.from_buffer(out), n)
+    elif ttype == GGML_TYPE_F32:
+        out = np.empty(shape_of(t), dtype=np.float32)
+        rc = lib.tnn_tensor_get_f32(sess, t, ffi.from_buffer("float[]", out), out.size)
+    else:
+        out = np.empty(shape_of(t), dtype=np.int32)
+        rc = lib.tnn_tensor_get_i32(sess, t, ffi.from_buffer("int32_t[]", out), out.size)
+    if rc < 0:
+        raise TinyNNError(last_error())
+    return out
+
+
+def upload_row_major(sess, t, mat) -> None:
+    """The seed's name: upload a (rows, cols) matrix into a tensor with ne=[cols, rows]."""
+    upload(sess, t, mat)
+
+
+def download_to_mat(sess, t, rows: int, cols: int) -> np.ndarray:
+    """The seed's name: a persistent tensor back as a (rows, cols) float32 matrix."""
+    out = download(sess, t)
+    if out.size != rows * cols:
+        raise TinyNNError(f"download_to_mat: tensor has {out.size} elements, not {rows}x{cols}")
+    return out.reshape(rows, cols)
+
+
+def quantize(type_id: int, data: np.ndarray) -> np.ndarray:
+    """Quantize a float32 (rows, n_per_row) matrix with ggml's own quantizer; raw bytes out."""
+    a = np.ascontiguousarray(data, dtype=np.float32)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"quantize: want a 1-D or 2-D array, got shape {a.shape}")
+    rows, n = a.shape
+    rs = tnn_row_size(type_id, n)  # noqa: F821  (exported above)
+    out = np.empty(rows * rs, dtype=np.uint8)
+    tnn_quantize(type_id, ffi.from_buffer("float[]", a), ffi.from_buffer(out), rows, n, out.nbytes)  # noqa: F821
+    return out
+
+
+def dequantize(type_id: int, raw: np.ndarray, n: int) -> np.ndarray:
+    """Dequantize ``n`` elements of ``type_id`` from raw bytes with ggml's own to_float."""
+    src = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = np.empty(n, dtype=np.float32)
+    tnn_dequantize(type_id, ffi.from_buffer(src), ffi.from_buffer("float[]", out), n, src.nbytes)  # noqa: F821
+    return out
