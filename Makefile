@@ -105,7 +105,7 @@ $(TNN_SO): $(TNN_SRCS) $(TNN_HDRS) $(GGML_BUILD_DIR)/.built
 lib: $(TNN_SO)
 
 $(FFI_STAMP): $(TNN_SO) libtinynn/tinynn.h toy_llm/tinynn/_ffi_build.py $(VENV)/.installed
-	$(VPY) -m toy_llm.tinynn._ffi_build
+	$(VPY) toy_llm/tinynn/_ffi_build.py
 	touch $@
 
 ffi: $(FFI_STAMP)

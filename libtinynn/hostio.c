@@ -53,7 +53,9 @@ int64_t tnn_quantize(int type, const float * src, void * dst, int64_t nrows, int
         return -1;
     }
     enum ggml_type t = (enum ggml_type) type;
-    if (!ggml_is_quantized(t) && t != GGML_TYPE_F16 && t != GGML_TYPE_BF16 && t != GGML_TYPE_F32) {
+    /* Q8_1 and Q8_K are activation-only: ggml_quantize_chunk has no case for them and aborts */
+    if ((!ggml_is_quantized(t) && t != GGML_TYPE_F16 && t != GGML_TYPE_BF16 && t != GGML_TYPE_F32) ||
+        t == GGML_TYPE_Q8_1 || t == GGML_TYPE_Q8_K) {
         tnn_set_error("%s: cannot quantize to %s", fn, ggml_type_name(t));
         return -1;
     }

@@ -32,6 +32,28 @@ static bool rows_contiguous(const struct ggml_tensor * t) {
     return t->nb[0] == ggml_type_size(t->type);
 }
 
+/* F32, or a type ggml can turn into floats (F16, BF16, the quantized types with
+ * a to_float). Excludes I8..I64, F64 and the activation-only Q8_1/Q8_K, for
+ * which the CPU kernels (mul_mat, cpy) have no implementation and crash. */
+static bool float_like(enum ggml_type t) {
+    return t == GGML_TYPE_F32 || ggml_get_type_traits(t)->to_float != NULL;
+}
+
+static bool want_float_like(const char * fn, const char * arg, const struct ggml_tensor * t) {
+    if (!float_like(t->type)) {
+        tnn_set_error("%s: '%s' must be a float or dequantizable quantized type, got %s", fn, arg,
+                      ggml_type_name(t->type));
+        return false;
+    }
+    return true;
+}
+
+/* acc += a * b, false on int64 overflow (user-supplied sizes must not wrap a bounds check) */
+static bool add_mul_ok(int64_t * acc, int64_t a, int64_t b) {
+    int64_t p;
+    return !__builtin_mul_overflow(a, b, &p) && !__builtin_add_overflow(*acc, p, acc);
+}
+
 /* ------------------------------------------------------------------ lookups & matmuls */
 
 tnn_tensor * tnn_get_rows(tnn_session * sess, tnn_tensor * table, tnn_tensor * ids) {
@@ -44,8 +66,8 @@ tnn_tensor * tnn_get_rows(tnn_session * sess, tnn_tensor * table, tnn_tensor * i
         fail_shape(fn, "ids must be [n, table.ne2, table.ne3]", table, ids);
         return NULL;
     }
-    if (table->type == GGML_TYPE_I32 || !rows_contiguous(table)) {
-        fail_shape(fn, "table must be a float or quantized tensor with contiguous rows", table, NULL);
+    if (!float_like(table->type) || !rows_contiguous(table)) { /* no CPU kernel for I8..F64, Q8_1, Q8_K */
+        fail_shape(fn, "table must be a float or dequantizable quantized tensor with contiguous rows", table, NULL);
         return NULL;
     }
     return ggml_get_rows(sess->ctx_c, table, ids);
@@ -65,11 +87,27 @@ tnn_tensor * tnn_matmul(tnn_session * sess, tnn_tensor * w, tnn_tensor * x) {
         fail_shape(fn, "w and x need contiguous rows (materialize transposes with tnn_cont)", w, x);
         return NULL;
     }
-    if (w->type == GGML_TYPE_I32) {
-        fail_shape(fn, "w must be a float or quantized tensor", w, NULL);
+    if (!want_float_like(fn, "w", w)) return NULL;
+    return ggml_mul_mat(sess->ctx_c, w, x);
+}
+
+/* llama.cpp rotates Q/K/V of quantized KV caches by a Walsh-Hadamard matrix; ggml's CPU backend
+ * computes a mul_mat hinted this way with a fast transform, so we must hint it too to match. */
+tnn_tensor * tnn_mul_mat_hadamard(tnn_session * sess, tnn_tensor * rot, tnn_tensor * x) {
+    const char * fn = "tnn_mul_mat_hadamard";
+    PROLOGUE(fn);
+    CHECK_T(rot, "rot");
+    CHECK_T(x, "x");
+    if (!want_type(fn, "rot", rot, GGML_TYPE_F32) || !want_type(fn, "x", x, GGML_TYPE_F32)) return NULL;
+    int64_t n = rot->ne[0];
+    if (n < 1 || (n & (n - 1)) != 0 || rot->ne[1] != n || rot->ne[2] != 1 || rot->ne[3] != 1 || x->ne[0] != n ||
+        !ggml_is_contiguous(rot) || !rows_contiguous(x)) {
+        fail_shape(fn, "rot must be a square power-of-two F32 matrix and x.ne0 == its size", rot, x);
         return NULL;
     }
-    return ggml_mul_mat(sess->ctx_c, w, x);
+    struct ggml_tensor * r = ggml_mul_mat(sess->ctx_c, rot, x);
+    ggml_mul_mat_set_hint(r, GGML_HINT_SRC0_IS_HADAMARD);
+    return r;
 }
 
 tnn_tensor * tnn_mul_mat_id(tnn_session * sess, tnn_tensor * as, tnn_tensor * b, tnn_tensor * ids) {
@@ -79,6 +117,7 @@ tnn_tensor * tnn_mul_mat_id(tnn_session * sess, tnn_tensor * as, tnn_tensor * b,
     CHECK_T(b, "b");
     CHECK_T(ids, "ids");
     if (!want_type(fn, "ids", ids, GGML_TYPE_I32) || !want_type(fn, "b", b, GGML_TYPE_F32)) return NULL;
+    if (!want_float_like(fn, "as", as)) return NULL;
     if (ggml_is_transposed(as) || !rows_contiguous(as) || as->ne[3] != 1 || b->ne[3] != 1 || ids->ne[2] != 1 ||
         ids->ne[3] != 1) {
         fail_shape(fn, "as must be 3-D [k, m, n_experts] with contiguous rows, b 3-D, ids 2-D", as, b);
@@ -102,6 +141,10 @@ static tnn_tensor * binary(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, c
         fail_shape(fn, "b must broadcast over a (each a.ne[i] a multiple of b.ne[i])", a, b);
         return NULL;
     }
+    if (!rows_contiguous(a)) { /* the CPU kernel asserts it */
+        fail_shape(fn, "a must have contiguous rows", a, NULL);
+        return NULL;
+    }
     switch (which) {
         case 0: return ggml_add(sess->ctx_c, a, b);
         case 1: return ggml_mul(sess->ctx_c, a, b);
@@ -118,8 +161,9 @@ tnn_tensor * tnn_scale(tnn_session * sess, tnn_tensor * a, float s) {
     PROLOGUE(fn);
     CHECK_T(a, "a");
     if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
-    if (!rows_contiguous(a)) {
-        fail_shape(fn, "a must have contiguous rows", a, NULL);
+    if (!rows_contiguous(a) || a->nb[2] != a->nb[1] * a->ne[1] || a->nb[3] != a->nb[2] * a->ne[2]) {
+        /* ggml_scale asserts ggml_is_padded_1d(a), which ggml does not export */
+        fail_shape(fn, "a must have contiguous rows, stacked without gaps (use tnn_cont)", a, NULL);
         return NULL;
     }
     return ggml_scale(sess->ctx_c, a, s);
@@ -224,6 +268,10 @@ tnn_tensor * tnn_rope_ext(tnn_session * sess, tnn_tensor * a, tnn_tensor * pos, 
         tnn_set_error("%s: 'a' must be F32 or F16, got %s", fn, ggml_type_name(a->type));
         return NULL;
     }
+    if (!rows_contiguous(a)) { /* the CPU kernel asserts it */
+        fail_shape(fn, "a must have contiguous rows", a, NULL);
+        return NULL;
+    }
     if (!want_type(fn, "pos", pos, GGML_TYPE_I32)) return NULL;
     if (!ggml_is_vector(pos) || a->ne[2] != pos->ne[0]) {
         fail_shape(fn, "pos must be a vector with one position per a.ne2 (token)", a, pos);
@@ -260,15 +308,24 @@ static bool check_view_type_ok(const struct ggml_tensor * a, int64_t ne0) {
     return ne0 % ggml_blck_size(a->type) == 0;
 }
 
-static bool view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t last_byte) {
+/* The view's last byte, offset + sum (ne[i]-1)*nb[i] + row bytes, must lie in a; and
+ * ggml_view_* also asserts offset + the view's *contiguous* size <= nbytes(a).
+ * All sums are overflow-checked: wrapped user sizes must not slip through. */
+static bool view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
+                      int64_t nb1, int64_t nb2, int64_t offset) {
     if (!check_view_type_ok(a, ne0)) {
         return fail_shape(fn, "a view of a quantized tensor must span whole blocks", a, NULL);
     }
-    if (last_byte > (int64_t) ggml_nbytes(a)) {
+    int64_t row = 0, last = offset, dense = offset;
+    bool ok = add_mul_ok(&row, (int64_t) ggml_type_size(a->type), ne0 / ggml_blck_size(a->type)) &&
+              add_mul_ok(&last, ne1 - 1, nb1) && add_mul_ok(&last, ne2 - 1, nb2) && add_mul_ok(&last, row, 1);
+    int64_t rows = 0;
+    ok = ok && add_mul_ok(&rows, ne1, ne2) && add_mul_ok(&dense, row, rows);
+    if (!ok || last > (int64_t) ggml_nbytes(a) || dense > (int64_t) ggml_nbytes(a)) {
         char sa[128];
         tnn_shape_str(a, sa, sizeof sa);
-        tnn_set_error("%s: view ends at byte %" PRId64 " past the end of %s (%zu bytes)", fn, last_byte, sa,
-                      ggml_nbytes(a));
+        tnn_set_error("%s: view [%" PRId64 ",%" PRId64 ",%" PRId64 "] at offset %" PRId64 " (nb1 %" PRId64 ", nb2 %" PRId64
+                      ") ends past the end of %s (%zu bytes)", fn, ne0, ne1, ne2, offset, nb1, nb2, sa, ggml_nbytes(a));
         return false;
     }
     return true;
@@ -282,7 +339,7 @@ tnn_tensor * tnn_view_1d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: ne0 must be positive and offset >= 0 (got %" PRId64 ", %" PRId64 ")", fn, ne0, offset);
         return NULL;
     }
-    if (!view_fits(fn, a, ne0, offset + (int64_t) ggml_row_size(a->type, ne0))) return NULL;
+    if (!view_fits(fn, a, ne0, 1, 1, 0, 0, offset)) return NULL;
     return ggml_view_1d(sess->ctx_c, a, ne0, (size_t) offset);
 }
 
@@ -294,7 +351,7 @@ tnn_tensor * tnn_view_2d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
         return NULL;
     }
-    if (!view_fits(fn, a, ne0, offset + (ne1 - 1) * nb1 + (int64_t) ggml_row_size(a->type, ne0))) return NULL;
+    if (!view_fits(fn, a, ne0, ne1, 1, nb1, 0, offset)) return NULL;
     return ggml_view_2d(sess->ctx_c, a, ne0, ne1, (size_t) nb1, (size_t) offset);
 }
 
@@ -307,8 +364,7 @@ tnn_tensor * tnn_view_3d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: sizes and strides must be positive and offset >= 0", fn);
         return NULL;
     }
-    int64_t last = offset + (ne1 - 1) * nb1 + (ne2 - 1) * nb2 + (int64_t) ggml_row_size(a->type, ne0);
-    if (!view_fits(fn, a, ne0, last)) return NULL;
+    if (!view_fits(fn, a, ne0, ne1, ne2, nb1, nb2, offset)) return NULL;
     return ggml_view_3d(sess->ctx_c, a, ne0, ne1, ne2, (size_t) nb1, (size_t) nb2, (size_t) offset);
 }
 
@@ -324,7 +380,8 @@ static tnn_tensor * reshape(tnn_session * sess, tnn_tensor * a, int64_t ne0, int
         fail_shape(fn, "a must be contiguous (use tnn_cont first)", a, NULL);
         return NULL;
     }
-    if (ggml_nelements(a) != ne0 * ne1 * ne2) {
+    int64_t n01 = 0, n012 = 0;
+    if (!add_mul_ok(&n01, ne0, ne1) || !add_mul_ok(&n012, n01, ne2) || ggml_nelements(a) != n012) {
         char sa[128];
         tnn_shape_str(a, sa, sizeof sa);
         tnn_set_error("%s: cannot reshape %s (%" PRId64 " elements) to [%" PRId64 ",%" PRId64 ",%" PRId64 "]", fn, sa,
@@ -445,6 +502,8 @@ tnn_tensor * tnn_cpy(tnn_session * sess, tnn_tensor * src, tnn_tensor * dst) {
             fail_shape(fn, "I32 copies only to I32", src, dst);
             return NULL;
         }
+    } else if (!want_float_like(fn, "src", src) || !want_float_like(fn, "dst", dst)) {
+        return NULL; /* no CPU copy kernel for I8/I16/I64/F64/Q8_1/Q8_K */
     }
     return ggml_cpy(sess->ctx_c, src, dst);
 }

@@ -98,6 +98,23 @@ static bool check_row_blocks(const char * fn, int type, int64_t ne0) {
     return true;
 }
 
+/* ggml asserts that a tensor's element count fits in int64 and sizes it in
+ * size_t; reject shapes whose element or byte count would overflow. */
+static bool check_size_fits(const char * fn, int type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3) {
+    int64_t n = ne0, nb = (int64_t) ggml_type_size((enum ggml_type) type);
+    bool ok = !__builtin_mul_overflow(nb, ne0 / ggml_blck_size((enum ggml_type) type), &nb);
+    const int64_t rest[3] = {ne1, ne2, ne3};
+    for (int i = 0; i < 3 && ok; i++) {
+        ok = !__builtin_mul_overflow(n, rest[i], &n) && !__builtin_mul_overflow(nb, rest[i], &nb);
+    }
+    if (!ok) {
+        tnn_set_error("%s: shape [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "] is too large (element or byte count "
+                      "overflows int64)", fn, ne0, ne1, ne2, ne3);
+        return false;
+    }
+    return true;
+}
+
 static bool ctx_has_room(struct ggml_context * ctx, const char * fn, const char * what) {
     if (ggml_used_mem(ctx) + 8 * ggml_tensor_overhead() > ggml_get_mem_size(ctx)) {
         tnn_set_error("%s: the %s context is full (%zu bytes of tensor metadata)", fn, what, ggml_get_mem_size(ctx));
@@ -252,7 +269,7 @@ static tnn_tensor * new_persistent(tnn_session * sess, const char * fn, int type
     if (!check_can_declare(sess, fn)) return NULL;
     if (!tnn_check_type(type, fn)) return NULL;
     if (!check_dims(fn, ne0, ne1, ne2)) return NULL;
-    if (!check_row_blocks(fn, type, ne0)) return NULL;
+    if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, 1)) return NULL;
     struct ggml_tensor * t = NULL;
     switch (n_dims) {
         case 1: t = ggml_new_tensor_1d(sess->ctx_w, (enum ggml_type) type, ne0); break;
@@ -371,7 +388,7 @@ static tnn_tensor * new_mmap_tensor(tnn_session * sess, const char * fn, int typ
     if (!ctx_has_room(sess->ctx_mmap, fn, "mapped-weight")) return NULL;
     if (!tnn_check_type(type, fn)) return NULL;
     if (!check_dims(fn, ne0, ne1, ne2)) return NULL;
-    if (!check_row_blocks(fn, type, ne0)) return NULL;
+    if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, 1)) return NULL;
     int64_t nbytes = (int64_t) ggml_row_size((enum ggml_type) type, ne0) * ne1 * ne2;
     if (offset < 0 || offset > sess->mmap_size || nbytes > sess->mmap_size - offset) {
         tnn_set_error("%s: byte range [%" PRId64 ", %" PRId64 ") lies outside the %" PRId64 "-byte mapping", fn,
@@ -455,7 +472,7 @@ static tnn_tensor * new_graph_input(tnn_session * sess, const char * fn, int typ
     if (!tnn_check_graph_ready(sess, fn)) return NULL;
     if (!tnn_check_type(type, fn)) return NULL;
     if (!check_dims(fn, ne0, ne1, ne2) || !check_dims(fn, ne3, 1, 1)) return NULL;
-    if (!check_row_blocks(fn, type, ne0)) return NULL;
+    if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, ne3)) return NULL;
     struct ggml_tensor * t = ggml_new_tensor_4d(sess->ctx_c, (enum ggml_type) type, ne0, ne1, ne2, ne3);
     ggml_set_input(t);
     return t;
@@ -570,19 +587,55 @@ int tnn_graph_n_nodes(tnn_session * sess) {
     return sess->gf ? ggml_graph_n_nodes(sess->gf) : 0;
 }
 
-/* Index-valued leaf inputs are data, not shapes: ggml's CPU kernels assert on
- * an out-of-range row id, so check them on the host before computing. */
-static bool check_index_input(const char * what, const struct ggml_tensor * ids, int64_t limit) {
-    if (ids->op != GGML_OP_NONE || ids->type != GGML_TYPE_I32 || ids->buffer == NULL ||
-        !ggml_backend_buffer_is_host(ids->buffer)) {
-        return true; /* computed by the graph (e.g. top_k), valid by construction */
+/* Index-valued inputs are data, not shapes: ggml's CPU kernels assert (get_rows)
+ * or read out of bounds (mul_mat_id) on an out-of-range id, so check them on the
+ * host before computing. The ids tensor may reach a leaf through views,
+ * reshapes, permutes, copies and conts (each passes element values through
+ * unchanged), or come from top_k/argsort (values < the sorted row length). */
+static bool check_index_input(const char * what, const struct ggml_tensor * ids, int64_t limit, int depth) {
+    const struct ggml_tensor * t = ids;
+    switch (t->op) {
+        case GGML_OP_NONE:
+        case GGML_OP_VIEW:
+        case GGML_OP_RESHAPE:
+        case GGML_OP_PERMUTE:
+        case GGML_OP_TRANSPOSE:
+            if (t->op != GGML_OP_NONE && t->view_src != NULL && t->view_src->op != GGML_OP_NONE) {
+                /* a view of a computed tensor: its values are a subset of the source's */
+                return depth < 64 && check_index_input(what, t->view_src, limit, depth + 1);
+            }
+            break;
+        case GGML_OP_CPY:
+        case GGML_OP_CONT:
+        case GGML_OP_DUP:
+            return depth < 64 && check_index_input(what, t->src[0], limit, depth + 1);
+        case GGML_OP_TOP_K:
+        case GGML_OP_ARGSORT:
+            if (t->src[0]->ne[0] > limit) {
+                tnn_set_error("tnn_compute: %s indices come from a top_k/argsort over %" PRId64
+                              " values, but only %" PRId64 " are valid", what, t->src[0]->ne[0], limit);
+                return false;
+            }
+            return true;
+        default:
+            tnn_set_error("tnn_compute: %s indices computed by op %s cannot be range-checked", what, ggml_op_desc(t));
+            return false;
     }
-    const int32_t * v = (const int32_t *) ids->data;
-    int64_t n = ggml_nelements(ids);
-    for (int64_t i = 0; i < n; i++) {
-        if (v[i] < 0 || v[i] >= limit) {
-            tnn_set_error("tnn_compute: %s index %d at element %" PRId64 " of input '%s' is out of range [0, %" PRId64 ")",
-                          what, v[i], i, ids->name, limit);
+    /* a leaf, or a view straight into one: read its elements through its strides */
+    const struct ggml_tensor * base = t->view_src ? t->view_src : t;
+    if (t->type != GGML_TYPE_I32 || t->data == NULL || base->buffer == NULL ||
+        !ggml_backend_buffer_is_host(base->buffer)) {
+        return true; /* device memory: not readable here */
+    }
+    for (int64_t i3 = 0; i3 < t->ne[3]; i3++)
+    for (int64_t i2 = 0; i2 < t->ne[2]; i2++)
+    for (int64_t i1 = 0; i1 < t->ne[1]; i1++)
+    for (int64_t i0 = 0; i0 < t->ne[0]; i0++) {
+        int32_t v = *(const int32_t *) ((const char *) t->data + i0 * t->nb[0] + i1 * t->nb[1] + i2 * t->nb[2] +
+                                        i3 * t->nb[3]);
+        if (v < 0 || v >= limit) {
+            tnn_set_error("tnn_compute: %s index %d at [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "] of input '%s' "
+                          "is out of range [0, %" PRId64 ")", what, v, i0, i1, i2, i3, ids->name, limit);
             return false;
         }
     }
@@ -599,8 +652,8 @@ int tnn_compute(tnn_session * sess) {
     int n = ggml_graph_n_nodes(sess->gf);
     for (int i = 0; i < n; i++) {
         struct ggml_tensor * node = ggml_graph_node(sess->gf, i);
-        if (node->op == GGML_OP_GET_ROWS && !check_index_input("row", node->src[1], node->src[0]->ne[1])) return -1;
-        if (node->op == GGML_OP_MUL_MAT_ID && !check_index_input("expert", node->src[2], node->src[0]->ne[2])) return -1;
+        if (node->op == GGML_OP_GET_ROWS && !check_index_input("row", node->src[1], node->src[0]->ne[1], 0)) return -1;
+        if (node->op == GGML_OP_MUL_MAT_ID && !check_index_input("expert", node->src[2], node->src[0]->ne[2], 0)) return -1;
     }
     enum ggml_status st = ggml_backend_graph_compute(sess->backend, sess->gf);
     if (st != GGML_STATUS_SUCCESS) {

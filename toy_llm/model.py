@@ -1,0 +1,214 @@
+"""The public API: ``toy_llm.load(...)`` -> :class:`Model` (eval, generate, tokenize).
+
+Scripts, the CLI and our parity checks call exactly this. ``Model.eval`` runs
+the seed's per-head decode graph (``SmolLM2KVFFICache.build_decode_step``)
+one position at a time.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import tinynn as tnn
+from .engine.kv_cache import SmolLM2KVFFICache
+from .gguf_load import ModelConfig, load_config
+from .sampling import Sampler, SamplerConfig
+from .tokenizer import Tokenizer
+
+KV_TYPES = ("f32", "q8_0")
+LOADERS = ("mmap", "copy")
+
+
+class Model:
+    """A loaded model: its config, tokenizer, and the engine cache holding weights + KV."""
+
+    def __init__(self, path: Path, config: ModelConfig, cache: SmolLM2KVFFICache, tokenizer: Tokenizer):
+        self.path = path
+        self.config = config
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.n_past = 0
+        self.last_stats: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- text
+
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_bos=None`` follows the GGUF's add_bos_token; ``special`` parses
+        control tokens such as ``<|im_start|>`` (as llama.cpp's parse_special)."""
+        add = self.tokenizer.add_bos if add_bos is None else add_bos
+        ids = self.tokenizer.encode(text, add_special=False, parse_special=special)
+        if add and self.tokenizer.bos_id is not None and self.tokenizer.bos_id >= 0:
+            ids = [self.tokenizer.bos_id] + ids
+        return ids
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from .chat import render_chat
+
+        tpl = self.tokenizer.chat_template
+        if not tpl:
+            raise ValueError(f"{self.path}: the GGUF has no tokenizer.chat_template")
+        tok = self.tokenizer
+        return render_chat(tpl, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=tok.token_to_piece(tok.bos_id).decode("utf-8", "replace") if tok.bos_id is not None and tok.bos_id >= 0 else "",
+                           eos_token=tok.token_to_piece(tok.eos_id).decode("utf-8", "replace") if tok.eos_id is not None and tok.eos_id >= 0 else "")
+
+    # ---------------------------------------------------------------- compute
+
+    def reset(self) -> None:
+        """Forget the context: the next eval starts at position 0."""
+        self.n_past = 0
+
+    def eval(self, tokens) -> np.ndarray:
+        """Logits float32 [len(tokens), vocab] of each new position; the cache advances."""
+        tokens = [int(t) for t in tokens]
+        if self.n_past + len(tokens) > self.cache.max_T:
+            raise ValueError(f"context full: n_past={self.n_past} + {len(tokens)} tokens > max_T={self.cache.max_T}")
+        out = np.empty((len(tokens), self.config.vocab), dtype=np.float32)
+        for i, tok in enumerate(tokens):
+            out[i] = self.cache.step(tok, self.n_past)
+            self.n_past += 1
+        return out
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 40, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
+                 repeat_last_n: int = 64, seed: int | None = None, stop: list[str] | None = None,
+                 stream: bool = False, chat: bool = False) -> str | Iterator[str]:
+        """The continuation of ``prompt`` (not the prompt itself), from an empty cache.
+
+        Stops at an end-of-generation token, at ``max_new_tokens``, or at a ``stop`` string.
+        ``chat=True`` wraps a string prompt as one user message in the GGUF's chat template.
+        With ``stream=True`` returns an iterator of text pieces.
+        """
+        it = self._generate(prompt, max_new_tokens, SamplerConfig(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n, seed=seed), stop or [], chat)
+        return it if stream else "".join(it)
+
+    def _generate(self, prompt, max_new_tokens, scfg, stop, chat) -> Iterator[str]:
+        if isinstance(prompt, str):
+            if chat:
+                ids = self.tokenize(self.apply_chat_template([{"role": "user", "content": prompt}]),
+                                    add_bos=False, special=True)
+            else:
+                ids = self.tokenize(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("generate: empty prompt")
+        sampler = Sampler(scfg)
+        eog = set(self.tokenizer.eog_ids)
+        self.reset()
+        t0 = time.perf_counter()
+        logits = self.eval(ids)[-1]
+        t_prompt = time.perf_counter() - t0
+        history = list(ids)
+        out_ids: list[int] = []
+        emitted = ""
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            tok = sampler.sample(logits, history)
+            if tok in eog:
+                break
+            out_ids.append(tok)
+            history.append(tok)
+            text = self.detokenize(out_ids)
+            cut = _first_stop(text, stop)
+            if cut is not None:
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                emitted = text[:cut]
+                break
+            # hold back an incomplete UTF-8 sequence and any prefix of a stop string
+            safe = len(text.rstrip("\ufffd"))
+            safe = min(safe, _stop_safe_len(text, stop))
+            if safe > len(emitted):
+                yield text[len(emitted):safe]
+                emitted = text[:safe]
+            if len(out_ids) == max_new_tokens or self.n_past >= self.cache.max_T:
+                break
+            logits = self.eval([tok])[-1]
+        text = self.detokenize(out_ids)
+        cut = _first_stop(text, stop)
+        final = text if cut is None else text[:cut]
+        if len(final) > len(emitted):
+            yield final[len(emitted):]
+        dt = time.perf_counter() - t1
+        self.last_stats = {"prompt_tokens": len(ids), "prompt_s": t_prompt, "gen_tokens": len(out_ids),
+                           "gen_s": dt, "tok_per_s": (len(out_ids) / dt) if dt > 0 else 0.0}
+
+    # ---------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _first_stop(text: str, stop: list[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_safe_len(text: str, stop: list[str]) -> int:
+    """Length of ``text`` that cannot be the start of a stop string still being generated."""
+    safe = len(text)
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                safe = min(safe, len(text) - k)
+                break
+    return safe
+
+
+def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: int | None = None,
+         backend: str = "cpu", kv_type: str = "f32", flash_attn: bool = False, loader: str = "mmap",
+         weight_type: int | None = None, progress: bool = False) -> Model:
+    """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+
+    ``loader="mmap"`` points weights into the mapped file (no copy); ``loader="copy"`` takes the
+    seed's legacy path (``realize_for`` + ``load_weights``) with 2-D weights at ``weight_type``
+    (default: the file's own type; 0 = F32, 8 = Q8_0). ``kv_type="q8_0"`` also turns flash
+    attention on, as in the seed.
+    """
+    if path is None:
+        from .fetch import default_model_path
+
+        path = default_model_path()
+    path = Path(path)
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    cfg = load_config(path)
+    tok = Tokenizer.from_gguf(path)
+    cache = SmolLM2KVFFICache(backend=backend, n_threads=n_threads or os.cpu_count())
+    cache.apply_config(cfg)
+    if kv_type == "q8_0":
+        cache.enable_kv_q8()
+    if flash_attn:
+        cache.enable_flash_attn()
+    max_T = min(int(max_T), cfg.context_length) if cfg.context_length else int(max_T)
+    if loader == "mmap":
+        g = tnn.tnn_gguf_load(str(path))
+        try:
+            cache.realize_for_mmap(g, cfg, max_T, cfg.untied_output, cfg.qkv_bias, cfg.qk_norm_kind != 0)
+        except Exception:
+            cache.close() if cache.gguf_handle_keepalive is not None else tnn.tnn_gguf_free(g)
+            raise
+    else:
+        cache.set_weight_type(cfg.weight_type if weight_type is None else weight_type)
+        cache.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,
+                          cfg.rope_base, cfg.rms_eps, cfg.untied_output, cfg.qkv_bias, d_head=cfg.head_dim)
+        cache.load_weights(str(path), progress=progress)
+    return Model(path, cfg, cache, tok)
