@@ -207,7 +207,13 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
             cache.close() if cache.gguf_handle_keepalive is not None else tnn.tnn_gguf_free(g)
             raise
     else:
-        cache.set_weight_type(cfg.weight_type if weight_type is None else weight_type)
+        if weight_type is None:
+            # byte-for-byte copy of the file's own types (the embedding too: tied models reuse it as
+            # the output matrix, and an F32 copy would change the logits)
+            cache.set_weight_type(cfg.weight_type)
+            cache.embed_type = cfg.tensor_types["token_embd.weight"]
+        else:
+            cache.set_weight_type(weight_type)
         cache.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,
                           cfg.rope_base, cfg.rms_eps, cfg.untied_output, cfg.qkv_bias, d_head=cfg.head_dim)
         cache.load_weights(str(path), progress=progress)

@@ -109,6 +109,7 @@ class SmolLM2KVFFICache:
         self.ffn_act = "silu"
         self.kv_blocks_ffi: list[SmolLM2KVBlockFFI] = [SmolLM2KVBlockFFI()]
         self.weight_type = GGML_TYPE_F32
+        self.embed_type = GGML_TYPE_F32   # copy path: the seed keeps the embedding table F32
         self.kv_type_k = GGML_TYPE_F32
         self.kv_type_v = GGML_TYPE_F32
         self.use_flash_attn = False
@@ -238,7 +239,7 @@ class SmolLM2KVFFICache:
                        rope_base, rms_eps)
         self.has_untied_output, self.has_qkv_bias = untied, qkv_bias
         self._new_session()
-        self._weights = CopyWeights(self.sess, self.weight_type)
+        self._weights = CopyWeights(self.sess, self.weight_type, self.embed_type)
         self._declare_weights()
         self._finalize()
 
@@ -299,7 +300,7 @@ class SmolLM2KVFFICache:
         vec = lambda name, n: w.tensor(Slice(name, 1, n), "f32")  # noqa: E731
         lin = lambda name, rows, cols, row0=0: w.tensor(Slice(name, rows, cols, row0), "linear")  # noqa: E731
 
-        self.t_token_embed = w.tensor(Slice("token_embd.weight", self.vocab_size, D), "f32")
+        self.t_token_embed = w.tensor(Slice("token_embd.weight", self.vocab_size, D), "embed")
         self.t_final_norm_gamma = vec("output_norm.weight", D)
         if self.has_untied_output:
             self.t_output = lin("output.weight", self.vocab_size, D)

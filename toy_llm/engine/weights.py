@@ -67,7 +67,7 @@ class MmapWeights:
         return idx
 
     def tensor(self, s: Slice, kind: str):
-        """``kind`` ('linear' or 'f32') only matters for the copy path."""
+        """``kind`` ('linear', 'embed' or 'f32') only matters for the copy path."""
         idx = self._index(s.name)
         typ = tnn.tnn_gguf_tensor_type(self.g, idx)
         off = tnn.tnn_gguf_tensor_file_offset(self.g, idx)
@@ -89,15 +89,15 @@ class MmapWeights:
 class CopyWeights:
     """Weights in the session's own buffer, filled from the file by :meth:`load`."""
 
-    def __init__(self, sess, weight_type: int):
-        self.sess, self.weight_type = sess, weight_type
+    def __init__(self, sess, weight_type: int, embed_type: int = tnn.GGML_TYPE_F32):
+        self.sess, self.weight_type, self.embed_type = sess, weight_type, embed_type
         self.pending: list[tuple[object, Slice]] = []
 
     def has(self, name: str) -> bool:  # decided by the caller's flags on this path
         return True
 
     def tensor(self, s: Slice, kind: str):
-        wtype = self.weight_type if kind == "linear" else tnn.GGML_TYPE_F32
+        wtype = {"linear": self.weight_type, "embed": self.embed_type}.get(kind, tnn.GGML_TYPE_F32)
         if s.ne is not None:
             t = tnn.tnn_input_3d_persistent_typed(self.sess, *s.ne, wtype)
         elif s.rows == 1 and kind == "f32":

@@ -160,9 +160,13 @@ def shape_of(t) -> tuple[int, ...]:
 
 
 def upload(sess, t, arr) -> None:
-    """Copy a whole numpy array into tensor ``t`` (F32, I32, or raw bytes for other types)."""
+    """Copy a whole numpy array into tensor ``t``: values for F32/I32 tensors, raw bytes when ``arr``
+    is uint8 (any tensor type, e.g. quantized blocks)."""
     ttype = lib.tnn_tensor_type(t) if t is not None else -1
-    if ttype == GGML_TYPE_F32:
+    if getattr(arr, "dtype", None) == np.uint8:
+        a = np.ascontiguousarray(arr)
+        rc = lib.tnn_tensor_set_raw(sess, t, ffi.from_buffer(a) if a.size else ffi.NULL, a.nbytes)
+    elif ttype == GGML_TYPE_F32:
         a = np.ascontiguousarray(arr, dtype=np.float32)
         rc = lib.tnn_tensor_set_f32(sess, t, ffi.from_buffer("float[]", a), a.size)
     elif ttype == GGML_TYPE_I32:
