@@ -580,6 +580,36 @@ tnn_tensor * tnn_top_k(tnn_session * sess, tnn_tensor * a, int k) {
     return ggml_top_k(sess->ctx_c, a, k);
 }
 
+/* llama.cpp selects MoE experts with argsort_top_k (sorted, descending); the order decides the
+ * order in which expert outputs are summed, so it matters for exact parity. */
+tnn_tensor * tnn_argsort_top_k(tnn_session * sess, tnn_tensor * a, int k) {
+    const char * fn = "tnn_argsort_top_k";
+    PROLOGUE(fn);
+    CHECK_T(a, "a");
+    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
+    if (k <= 0 || k > a->ne[0]) {
+        tnn_set_error("%s: k must be in 1..a.ne0 (%" PRId64 "), got %d", fn, a->ne[0], k);
+        return NULL;
+    }
+    if (!ggml_is_contiguous(a)) {
+        fail_shape(fn, "a must be contiguous", a, NULL);
+        return NULL;
+    }
+    return ggml_argsort_top_k(sess->ctx_c, a, k);
+}
+
+tnn_tensor * tnn_clamp(tnn_session * sess, tnn_tensor * a, float min, float max) {
+    const char * fn = "tnn_clamp";
+    PROLOGUE(fn);
+    CHECK_T(a, "a");
+    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
+    if (!(min <= max)) {
+        tnn_set_error("%s: need min <= max, got %g > %g", fn, (double) min, (double) max);
+        return NULL;
+    }
+    return ggml_clamp(sess->ctx_c, a, min, max);
+}
+
 tnn_tensor * tnn_sum_rows(tnn_session * sess, tnn_tensor * a) {
     const char * fn = "tnn_sum_rows";
     PROLOGUE(fn);

@@ -141,6 +141,8 @@ tnn_tensor * tnn_flash_attn_ext(tnn_session * sess, tnn_tensor * q, tnn_tensor *
 tnn_tensor * tnn_mul_mat_hadamard(tnn_session * sess, tnn_tensor * rot, tnn_tensor * x); /* rot @ x, rot a Walsh-Hadamard matrix (fast path) */
 tnn_tensor * tnn_mul_mat_id(tnn_session * sess, tnn_tensor * as, tnn_tensor * b, tnn_tensor * ids);
 tnn_tensor * tnn_top_k(tnn_session * sess, tnn_tensor * a, int k);
+tnn_tensor * tnn_argsort_top_k(tnn_session * sess, tnn_tensor * a, int k);     /* indices of the k largest, descending */
+tnn_tensor * tnn_clamp(tnn_session * sess, tnn_tensor * a, float min, float max);
 tnn_tensor * tnn_sum_rows(tnn_session * sess, tnn_tensor * a);
 tnn_tensor * tnn_div(tnn_session * sess, tnn_tensor * a, tnn_tensor * b);
 

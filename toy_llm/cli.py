@@ -94,11 +94,18 @@ def cmd_bench(args) -> int:
     ffi.cdef(read_cdef())
     abi = ffi.dlopen(str(tnn.LIB_PATH))
     n = 200_000
-    for label, fn in (("ABI (dlopen)", abi.tnn_type_count), (f"{tnn.MODE.upper()} (loaded)", tnn.lib.tnn_type_count)):
+    sess = tnn.tnn_session_new(0)
+    tens = tnn.tnn_input_1d_f32_persistent(sess, 4)
+    abi_tens = ffi.cast("tnn_tensor *", int(tnn.ffi.cast("uintptr_t", tens)))
+    calls = (("ABI mode, raw", lambda: abi.tnn_tensor_ne(abi_tens, 0)),
+             (f"{tnn.MODE.upper()} mode, raw", lambda: tnn.lib.tnn_tensor_ne(tens, 0)),
+             (f"{tnn.MODE.upper()} mode, checked", lambda: tnn.tnn_tensor_ne(tens, 0)))
+    for label, fn in calls:
         t = time.perf_counter()
         for _ in range(n):
             fn()
-        print(f"call overhead {label:16s} {1e9 * (time.perf_counter() - t) / n:7.1f} ns/call")
+        print(f"call overhead  {label:22s} {1e9 * (time.perf_counter() - t) / n:7.1f} ns/call (tnn_tensor_ne)")
+    tnn.tnn_session_free(sess)
     m = _load(args)
     with m:
         ids = m.tokenize("The capital of France is")
@@ -113,6 +120,15 @@ def cmd_bench(args) -> int:
         td = time.perf_counter() - t
         print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s; decode {args.n} tokens: {args.n / td:.1f} tok/s "
               f"(per-head graph, {m.cache.n_threads} threads, kv {args.kv_type})")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from .parity import compare, format_report
+
+    rep = compare(args.model_path, args.prompt, n_positions=args.n, kv_type=args.kv_type,
+                  flash_attn=args.flash_attn, tol=args.tol, layers=args.layers, n_threads=args.threads)
+    print(format_report(rep, layers=args.layers))
     return 0
 
 
@@ -151,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", type=int, default=32, help="decode tokens to time (default 32)")
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)
+
+    pa = sub.add_parser("parity", help="compare every layer's tensors with llama.cpp on the same tokens",
+                        description="Run our engine (trace taps) and llama.cpp (eval callback) one token per "
+                                    "decode on the same tokens; print per-position logits |Δ| and argmax "
+                                    "agreement, and with --layers a per-layer table and the first diverging "
+                                    "tensor. Needs llama-cpp-python==0.3.36.")
+    pa.add_argument("model_path", metavar="MODEL.gguf", help="GGUF file")
+    pa.add_argument("--prompt", required=True, help="prompt text (tokenized with the GGUF's BOS rule)")
+    pa.add_argument("--layers", action="store_true", help="per-layer tensor table and first divergence")
+    pa.add_argument("--kv-type", choices=("f32", "q8_0"), default="f32",
+                    help="KV cache type on both sides; q8_0 also turns flash attention on (default f32)")
+    pa.add_argument("--flash-attn", action="store_true", help="flash attention on both sides")
+    pa.add_argument("-n", type=int, default=None,
+                    help="positions to compare (default: the prompt's tokens; more continues greedily "
+                         "with llama.cpp's argmax)")
+    pa.add_argument("--tol", type=float, default=1e-3,
+                    help="relative error (max|Δ|/max|ref|) above which a tensor diverges (default 1e-3)")
+    pa.add_argument("-t", "--threads", type=int, default=1,
+                    help="CPU threads for both engines (default 1: one token at a time, faster than more)")
+    pa.set_defaults(func=cmd_parity)
     return ap
 
 

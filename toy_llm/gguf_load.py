@@ -28,6 +28,17 @@ ROPE_MODE_BY_ARCH = {
 SUPPORTED_ARCHS = tuple(ROPE_MODE_BY_ARCH)
 
 
+# llama.cpp passes norm_w=true to build_moe_ffn for these archs (renormalise the top-k weights),
+# whatever the GGUF says; OLMoE and Qwen2-MoE keep the raw softmax weights.
+MOE_RENORM_BY_ARCH = {"llama": True, "mixtral": True, "qwen3moe": True, "granite": True,
+                      "olmoe": False, "qwen2moe": False}
+
+
+def inv_sqrt_f32(n: float) -> float:
+    """1.0f / sqrtf(float(n)), as llama.cpp computes scales (float32 rounding at each step)."""
+    return float(np.float32(1.0) / np.sqrt(np.float32(n)))
+
+
 class GGUFLoadError(ValueError):
     """A GGUF file cannot be used; the message names the file and the key or tensor."""
 
@@ -101,10 +112,13 @@ class ModelConfig:
     final_softcap: float = 0.0
     embed_scale: float = 1.0
     attn_scale: float = 0.0             # 0: 1/sqrt(head_dim)
+    q_prescale: bool = False            # Gemma: Q is multiplied by attn_scale before attention
+    rope_base_swa: float = 0.0          # rope base of sliding-window layers (0: same as rope_base)
     ffn_act: str = "silu"               # silu | gelu (tanh)
     n_experts: int = 0
     n_experts_used: int = 0
     expert_weights_norm: bool = False
+    expert_weights_scale: float = 0.0   # 0 or 1: no scaling of the routed weights
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     has_rope_freqs: bool = False
@@ -116,7 +130,8 @@ class ModelConfig:
 
     @property
     def kq_scale(self) -> float:
-        return self.attn_scale if self.attn_scale else 1.0 / math.sqrt(self.head_dim)
+        """The attention scale, rounded as llama.cpp computes it (in float32)."""
+        return self.attn_scale if self.attn_scale else inv_sqrt_f32(self.head_dim)
 
     @property
     def is_moe(self) -> bool:
@@ -199,20 +214,17 @@ def load_config(path_or_reader) -> ModelConfig:
         qk_norm_kind = 1 if n == head_dim else 2
 
     is_gemma = arch in ("gemma2", "gemma3")
-    swa_window = int(opt("attention.sliding_window", 0))
-    swa_pattern: tuple[bool, ...] = ()
+    swa_window, swa_pattern = _swa(r, arch, n_layers)
+    rope_base_swa = 0.0
     if swa_window:
-        if arch == "gemma2":      # even layers slide (llama.cpp: set_swa_pattern(2))
-            swa_pattern = tuple(il % 2 == 0 for il in range(n_layers))
-        elif arch == "gemma3":    # every 6th layer is global (set_swa_pattern(6))
-            swa_pattern = tuple(il % 6 < 5 for il in range(n_layers))
-        else:
-            swa_pattern = tuple(True for _ in range(n_layers))
+        # llama.cpp: gemma2 defaults the local base to the global one, gemma3 to 10000
+        rope_base_swa = float(opt("rope.freq_base_swa", rope_base if arch == "gemma2" else 10000.0))
 
     attn_scale = float(opt("attention.scale", 0.0))
     if is_gemma:
-        # Gemma scales queries by query_pre_attn_scalar^-1/2 = head_dim^-1/2 for 2B/270M-class models
-        attn_scale = 1.0 / math.sqrt(float(head_dim))
+        # llama.cpp: 1/sqrt(head_dim), or 1/sqrt(d_model/n_heads) for the 27B models; applied to Q
+        big = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
+        attn_scale = inv_sqrt_f32(d_model // n_heads if big else head_dim)
 
     return ModelConfig(
         path=str(path), arch=arch, d_model=d_model, d_ff=d_ff, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
@@ -227,16 +239,29 @@ def load_config(path_or_reader) -> ModelConfig:
         swa_window=swa_window, swa_pattern=swa_pattern,
         attn_softcap=float(opt("attn_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
         final_softcap=float(opt("final_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
-        embed_scale=math.sqrt(d_model) if is_gemma else float(opt("embedding_scale", 1.0)),
-        attn_scale=attn_scale,
+        embed_scale=float(np.sqrt(np.float32(d_model))) if is_gemma else float(opt("embedding_scale", 1.0)),
+        attn_scale=attn_scale, q_prescale=is_gemma, rope_base_swa=rope_base_swa,
         ffn_act="gelu" if is_gemma else "silu",
         n_experts=n_experts, n_experts_used=int(opt("expert_used_count", 0)),
-        expert_weights_norm=bool(opt("expert_weights_norm", arch in ("mixtral", "llama") and n_experts > 0)),
+        expert_weights_norm=n_experts > 0 and MOE_RENORM_BY_ARCH.get(arch, False),
+        expert_weights_scale=float(opt("expert_weights_scale", 0.0)),
         residual_scale=float(opt("residual_scale", 1.0)),
         logit_scale=float(opt("logit_scale", 1.0)),
         has_rope_freqs="rope_freqs.weight" in tensors,
         tensor_types={name: int(t.tensor_type) for name, t in tensors.items()},
     )
+
+
+def _swa(r, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
+    """Sliding window and which layers use it (llama.cpp's load_swa_pattern / set_swa_pattern)."""
+    window = int(_field(r, f"{arch}.attention.sliding_window", 0) or 0)
+    if not window or arch not in ("gemma2", "gemma3"):
+        return 0, ()
+    pattern = _field(r, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, (list, tuple)):
+        return window, tuple(bool(x) for x in pattern[:n_layers])
+    n = int(pattern) if pattern is not None else (2 if arch == "gemma2" else 6)
+    return window, tuple(n == 0 or il % n < n - 1 for il in range(n_layers))
 
 
 def _rope_scaling(r, arch: str, head_dim: int, rope_base: float, has_rope_freqs: bool) -> RopeScaling:

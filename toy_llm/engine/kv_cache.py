@@ -13,13 +13,12 @@ right.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import tinynn as tnn
-from ..gguf_load import ModelConfig, RopeScaling, detect_weight_type
+from ..gguf_load import ModelConfig, RopeScaling, detect_weight_type, inv_sqrt_f32
 from .weights import CopyWeights, MmapWeights, Slice
 
 GGML_TYPE_F32 = tnn.GGML_TYPE_F32
@@ -103,6 +102,11 @@ class SmolLM2KVFFICache:
         self.has_post_norms = False
         self.embed_scale = 1.0
         self.attn_scale = 0.0
+        self.q_prescale = False
+        self.rope_base_swa = 0.0
+        self.residual_scale = 1.0
+        self.logit_scale = 1.0
+        self.expert_weights_scale = 0.0
         self.attn_softcap = 0.0
         self.final_softcap = 0.0
         self.swa_alternates = False
@@ -128,7 +132,7 @@ class SmolLM2KVFFICache:
         self._trace = False
         self._taps: list[tuple[str, object]] = []
         self._last_trace: dict[str, np.ndarray] = {}
-        self._t_kq_mask = None
+        self._t_kq_masks: dict[int, object] = {}
         self.kv_pad = LLAMA_KV_PAD
         self.t_k_hadamard = None
         self.t_v_hadamard = None
@@ -181,7 +185,12 @@ class SmolLM2KVFFICache:
         self.swa_pattern = cfg.swa_pattern
         self.swa_alternates = cfg.arch == "gemma2"
         self.embed_scale = cfg.embed_scale
-        self.attn_scale = cfg.attn_scale
+        self.attn_scale = cfg.kq_scale
+        self.q_prescale = cfg.q_prescale
+        self.rope_base_swa = cfg.rope_base_swa
+        self.residual_scale = cfg.residual_scale
+        self.logit_scale = cfg.logit_scale
+        self.expert_weights_scale = cfg.expert_weights_scale
         self.attn_softcap = cfg.attn_softcap
         self.final_softcap = cfg.final_softcap
         self.ffn_act = cfg.ffn_act
@@ -425,9 +434,12 @@ class SmolLM2KVFFICache:
 
     # ------------------------------------------------------------------ graph builders
 
-    def _rope(self, t, t_pos):
+    def _rope(self, t, t_pos, layer_idx: int = 0):
         rs = self.rope_scaling
-        return tnn.tnn_rope_ext(self.sess, t, t_pos, self.rope_dim, self.rope_base, rs.freq_scale,
+        base = self.rope_base
+        if self.rope_base_swa and self._layer_window(layer_idx) > 0:
+            base = self.rope_base_swa  # sliding-window layers have their own base (Gemma)
+        return tnn.tnn_rope_ext(self.sess, t, t_pos, self.rope_dim, base, rs.freq_scale,
                                 rs.ext_factor, rs.attn_factor, rs.beta_fast, rs.beta_slow,
                                 self.t_rope_freq_factors, self.rope_mode, rs.orig_max_pos)
 
@@ -435,7 +447,7 @@ class SmolLM2KVFFICache:
         """cap * tanh(t / cap); a no-op when cap is 0."""
         if cap <= 0.0:
             return t
-        t = tnn.tnn_scale(self.sess, t, 1.0 / cap)
+        t = tnn.tnn_scale(self.sess, t, _f32_div(1.0, cap))
         t = tnn.tnn_tanh(self.sess, t)
         return tnn.tnn_scale(self.sess, t, cap)
 
@@ -456,7 +468,7 @@ class SmolLM2KVFFICache:
             raise ValueError(f"position {pos} outside the cache (max_T={self.max_T})")
         sess = self.sess
         eps = self.rms_eps
-        scale = self.attn_scale if self.attn_scale else 1.0 / math.sqrt(self.d_head)
+        scale = self.attn_scale if self.attn_scale else inv_sqrt_f32(self.d_head)
         bytes_d_head = self.d_head * 4
         bytes_max_T = self.max_T * 4
         bytes_d_head_k = tnn.tnn_row_size(self.kv_type_k, self.d_head)
@@ -480,6 +492,8 @@ class SmolLM2KVFFICache:
         t_x_final = self.trace_tap("final_norm", t_x_final)
         w_out = self.t_output if self.has_untied_output else self.t_token_embed
         t_logits = tnn.tnn_matmul(sess, w_out, t_x_final)
+        if self.logit_scale != 1.0:  # Granite divides the logits
+            t_logits = tnn.tnn_scale(sess, t_logits, _f32_div(1.0, self.logit_scale))
         t_logits = self._softcap(t_logits, self.final_softcap)
         t_logits = self.trace_tap("logits", t_logits)
         tnn.tnn_set_output(t_logits)
@@ -493,22 +507,18 @@ class SmolLM2KVFFICache:
         t_h = self.trace_tap(tag + "rn1", t_h)
 
         # K and V of each KV head: project, (bias), (norm), rope K, write into the cache at `pos`.
+        k_pre = [self._project(blk.t_w_k[h], blk.t_b_k[h] if self.has_qkv_bias else None, t_h)
+                 for h in range(self.n_kv)]
+        k_pre[0] = self.trace_tap(tag + "k_pre", k_pre[0])
+        if self.has_qk_norm:
+            k_pre = self._qk_norm(k_pre, blk.t_k_norm_gamma)
         for hkv in range(self.n_kv):
-            t_k = tnn.tnn_matmul(sess, blk.t_w_k[hkv], t_h)
-            if self.has_qkv_bias:
-                t_k = tnn.tnn_add(sess, t_k, blk.t_b_k[hkv])
-            if hkv == 0:
-                t_k = self.trace_tap(tag + "k_pre", t_k)
-            if self.has_qk_norm:
-                t_k = self._qk_norm(t_k, blk.t_k_norm_gamma, hkv)
-            t_k_rot = self._rope(t_k, t_pos)
+            t_k_rot = self._rope(k_pre[hkv], t_pos, layer_idx)
             if hkv == 0:
                 t_k_rot = self.trace_tap(tag + "k_rot", t_k_rot)
             if self.t_k_hadamard is not None:
                 t_k_rot = self._hadamard(t_k_rot, self.t_k_hadamard)
-            t_v = tnn.tnn_matmul(sess, blk.t_w_v[hkv], t_h)
-            if self.has_qkv_bias:
-                t_v = tnn.tnn_add(sess, t_v, blk.t_b_v[hkv])
+            t_v = self._project(blk.t_w_v[hkv], blk.t_b_v[hkv] if self.has_qkv_bias else None, t_h)
             if hkv == 0:
                 t_v = self.trace_tap(tag + "v_new", t_v)
             if self.t_v_hadamard is not None:
@@ -520,8 +530,14 @@ class SmolLM2KVFFICache:
             tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_k_rot, k_slot))
             tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_v, v_slot))
 
+        # A whole-vector QK-norm (OLMoE) needs every head's query before any head can go on.
+        q_normed = None
+        if self.has_qk_norm and self.qk_norm_kind == 2:
+            q_normed = self._qk_norm([self._q_projection(t_h, blk, hq) for hq in range(self.n_heads)],
+                                     blk.t_q_norm_gamma)
         heads = [self.build_attention_qhead_step(t_h, blk, hq, t_pos, pos, scale, bytes_d_head, bytes_d_head_k,
-                                                 bytes_d_head_v, bytes_max_T, tag, hq == 0, layer_idx)
+                                                 bytes_d_head_v, bytes_max_T, tag, hq == 0, layer_idx,
+                                                 t_q_normed=None if q_normed is None else q_normed[hq])
                  for hq in range(self.n_heads)]
         t_concat = heads[0]
         for t in heads[1:]:
@@ -533,6 +549,8 @@ class SmolLM2KVFFICache:
         if self.has_post_norms:
             t_attn = tnn.tnn_rms_norm(sess, t_attn, blk.t_post_attn_norm_gamma, eps)
             t_attn = self.trace_tap(tag + "post_attn_norm", t_attn)
+        if self.residual_scale != 1.0:  # Granite scales each branch before the residual add
+            t_attn = tnn.tnn_scale(sess, t_attn, self.residual_scale)
         t_x_attn = tnn.tnn_add(sess, t_x, t_attn)
         t_x_attn = self.trace_tap(tag + "post_attn", t_x_attn)
 
@@ -543,42 +561,71 @@ class SmolLM2KVFFICache:
         else:
             t_gate = self.trace_tap(tag + "gate", tnn.tnn_matmul(sess, blk.t_w_gate, t_h2))
             t_up = self.trace_tap(tag + "up", tnn.tnn_matmul(sess, blk.t_w_up, t_h2))
-            t_act = tnn.tnn_gelu(sess, t_gate) if self.ffn_act == "gelu" else tnn.tnn_silu(sess, t_gate)
-            t_act = self.trace_tap(tag + "silu_gate", t_act)
+            t_act = self.trace_tap(tag + "silu_gate", self._ffn_act(t_gate))
             t_gated = self.trace_tap(tag + "gated", tnn.tnn_mul(sess, t_act, t_up))
             t_dn = self.trace_tap(tag + "dn", tnn.tnn_matmul(sess, blk.t_w_down, t_gated))
         if self.has_post_norms:
             t_dn = tnn.tnn_rms_norm(sess, t_dn, blk.t_post_ffn_norm_gamma, eps)
             t_dn = self.trace_tap(tag + "post_ffn_norm", t_dn)
+        if self.residual_scale != 1.0:
+            t_dn = tnn.tnn_scale(sess, t_dn, self.residual_scale)
         t_out = tnn.tnn_add(sess, t_x_attn, t_dn)
         return self.trace_tap(tag + "post_ffn", t_out)
 
-    def _qk_norm(self, t, gamma, head: int):
-        """QK-norm of one head's vector. kind 1: shared [d_head] gamma. kind 2 (whole-vector gamma)
-        uses this head's gamma slice; llama.cpp normalises the whole vector (issue 4 fixes this)."""
-        if self.qk_norm_kind == 2:
-            gamma = tnn.tnn_view_1d(self.sess, gamma, self.d_head, head * self.d_head * 4)
-        return tnn.tnn_rms_norm(self.sess, t, gamma, self.rms_eps)
+    def _project(self, w, bias, t_h):
+        t = tnn.tnn_matmul(self.sess, w, t_h)
+        return t if bias is None else tnn.tnn_add(self.sess, t, bias)
 
-    def build_attention_qhead_step(self, t_h, blk, hq, t_pos, pos, scale, bytes_d_head, bytes_d_head_k,
-                                   bytes_d_head_v, bytes_max_T, tag, tap_this_head, layer_idx):
-        """One query head against the (already written) K/V of its KV head hq // group_size."""
-        sess = self.sess
-        hkv = hq // self.group_size
-        t_q = tnn.tnn_matmul(sess, blk.t_w_q[hq], t_h)
+    def _q_projection(self, t_h, blk, hq):
+        """Query head ``hq`` before norm and rope: W_q[hq] h (+ LoRA) (+ bias)."""
+        t_q = tnn.tnn_matmul(self.sess, blk.t_w_q[hq], t_h)
         if self.lora_q_enabled:
             # LoRA before the bias (HF practice): q += B (A h); B starts at zero
-            t_a = tnn.tnn_matmul(sess, blk.t_w_lora_a_q[hq], t_h)
-            t_q = tnn.tnn_add(sess, t_q, tnn.tnn_matmul(sess, blk.t_w_lora_b_q[hq], t_a))
+            t_a = tnn.tnn_matmul(self.sess, blk.t_w_lora_a_q[hq], t_h)
+            t_q = tnn.tnn_add(self.sess, t_q, tnn.tnn_matmul(self.sess, blk.t_w_lora_b_q[hq], t_a))
         if self.has_qkv_bias:
-            t_q = tnn.tnn_add(sess, t_q, blk.t_b_q[hq])
-        if tap_this_head:
-            t_q = self.trace_tap(tag + "q_pre", t_q)
-        if self.has_qk_norm:
-            t_q = self._qk_norm(t_q, blk.t_q_norm_gamma, hq)
-        t_q = self._rope(t_q, t_pos)
+            t_q = tnn.tnn_add(self.sess, t_q, blk.t_b_q[hq])
+        return t_q
+
+    def _qk_norm(self, heads: list, gamma) -> list:
+        """RMS-normalise per-head vectors [d_head, 1]. kind 1 (Qwen3, Gemma 3): each head on its own,
+        one shared [d_head] gamma. kind 2 (OLMoE): llama.cpp normalises the whole projected vector
+        with a [n*d_head] gamma, so the heads are joined, normalised, and viewed apart again."""
+        sess, eps = self.sess, self.rms_eps
+        if self.qk_norm_kind != 2:
+            return [tnn.tnn_rms_norm(sess, t, gamma, eps) for t in heads]
+        whole = heads[0]
+        for t in heads[1:]:
+            whole = tnn.tnn_concat(sess, whole, t, 0)
+        whole = tnn.tnn_rms_norm(sess, whole, gamma, eps)
+        row = self.d_head * 4
+        return [tnn.tnn_view_2d(sess, whole, self.d_head, 1, row, h * row) for h in range(len(heads))]
+
+    def _ffn_act(self, t):
+        return tnn.tnn_gelu(self.sess, t) if self.ffn_act == "gelu" else tnn.tnn_silu(self.sess, t)
+
+    def build_attention_qhead_step(self, t_h, blk, hq, t_pos, pos, scale, bytes_d_head, bytes_d_head_k,
+                                   bytes_d_head_v, bytes_max_T, tag, tap_this_head, layer_idx, t_q_normed=None):
+        """One query head against the (already written) K/V of its KV head hq // group_size.
+
+        ``t_q_normed``: this head's query after a whole-vector QK-norm, when the block computed it."""
+        sess = self.sess
+        hkv = hq // self.group_size
+        if t_q_normed is None:
+            t_q = self._q_projection(t_h, blk, hq)
+            if tap_this_head:
+                t_q = self.trace_tap(tag + "q_pre", t_q)
+            if self.has_qk_norm:
+                t_q = self._qk_norm([t_q], blk.t_q_norm_gamma)[0]
+        else:
+            t_q = t_q_normed
+        t_q = self._rope(t_q, t_pos, layer_idx)
         if tap_this_head:
             t_q = self.trace_tap(tag + "q_rot", t_q)
+        if self.q_prescale:
+            # Gemma: llama.cpp scales Q itself and runs attention with scale 1
+            t_q = tnn.tnn_scale(sess, t_q, scale)
+            scale = 1.0
         if self.t_k_hadamard is not None:
             t_q = self._hadamard(t_q, self.t_k_hadamard)
 
@@ -587,6 +634,11 @@ class SmolLM2KVFFICache:
             hist_start, hist_count = pos + 1 - window, window
         else:
             hist_start, hist_count = 0, pos + 1
+        t_mask = self._t_kq_masks.get(window)
+        if t_mask is not None:
+            # llama.cpp attends over its padded KV length with a -inf mask; reducing over the same
+            # length makes the sums (and so the rounding) identical to its
+            hist_start, hist_count = 0, self._n_kv_padded(pos)
         t_K_hist = tnn.tnn_view_2d(sess, blk.t_K[hkv], self.d_head, hist_count, bytes_d_head_k,
                                    hist_start * bytes_d_head_k)
         t_V_hist = tnn.tnn_view_2d(sess, blk.t_V[hkv], self.d_head, hist_count, bytes_d_head_v,
@@ -609,24 +661,15 @@ class SmolLM2KVFFICache:
                 t_head = self.trace_tap(tag + "head0_flash", t_head)
             return t_head
 
-        if self._t_kq_mask is not None and window == 0:
-            # llama.cpp attends over its padded KV length with a -inf mask; reducing over the same
-            # length makes the dot products (and so the rounding) identical to its
-            n = self._n_kv_padded(pos)
-            t_K_hist = tnn.tnn_view_2d(sess, blk.t_K[hkv], self.d_head, n, bytes_d_head_k, 0)
-            t_V_hist = tnn.tnn_view_2d(sess, blk.t_V[hkv], self.d_head, n, bytes_d_head_v, 0)
-            t_scores = tnn.tnn_matmul(sess, t_K_hist, t_q)
-            if tap_this_head:
-                t_scores = self.trace_tap(tag + "scores", t_scores)
-            t_attn = tnn.tnn_softmax_ext(sess, t_scores, self._t_kq_mask, scale, 0.0)
-            t_V_T = tnn.tnn_transpose(sess, t_V_hist)
-            return tnn.tnn_matmul(sess, t_V_T, t_attn)
-
         t_scores = tnn.tnn_matmul(sess, t_K_hist, t_q)
         if tap_this_head:
             t_scores = self.trace_tap(tag + "scores", t_scores)
-        t_scaled = self._softcap(tnn.tnn_scale(sess, t_scores, scale), self.attn_softcap)
-        t_attn = tnn.tnn_softmax(sess, t_scaled)
+        if t_mask is not None:
+            # llama.cpp order: soft-cap the raw scores, then softmax(scores * scale + mask)
+            t_attn = tnn.tnn_softmax_ext(sess, self._softcap(t_scores, self.attn_softcap), t_mask, scale, 0.0)
+        else:
+            t_scaled = self._softcap(tnn.tnn_scale(sess, t_scores, scale), self.attn_softcap)
+            t_attn = tnn.tnn_softmax(sess, t_scaled)
         if tap_this_head:
             t_attn = self.trace_tap(tag + "softmax", t_attn)
         t_V_T = tnn.tnn_transpose(sess, t_V_hist)
@@ -636,26 +679,41 @@ class SmolLM2KVFFICache:
         return t_head
 
     def build_moe_ffn(self, blk, t_h2, tag):
-        """Routed FFN: softmax router -> top-k experts -> SwiGLU per expert -> weighted sum."""
-        sess, K, E = self.sess, self.n_experts_used, self.n_experts
+        """Routed FFN, as llama.cpp's build_moe_ffn: softmax router -> the top-k experts in
+        descending order -> (renormalised) weights -> SwiGLU per expert -> weighted sum, summed
+        expert by expert in that order."""
+        sess, K, E, D = self.sess, self.n_experts_used, self.n_experts, self.d_model
         t_logits = self.trace_tap(tag + "moe_logits", tnn.tnn_matmul(sess, blk.t_w_router, t_h2))
-        t_probs = tnn.tnn_softmax(sess, t_logits)
-        t_top = tnn.tnn_top_k(sess, t_probs, K)
+        t_probs = tnn.tnn_softmax(sess, t_logits)                                       # [E, 1]
+        t_top = tnn.tnn_argsort_top_k(sess, t_probs, K)                                 # [K, 1]
         t_w = tnn.tnn_get_rows(sess, tnn.tnn_reshape_3d(sess, t_probs, 1, E, 1), t_top)  # [1, K, 1]
         if self.expert_weights_norm:
-            # llama.cpp: renormalise the selected weights to sum to 1 where the GGUF says so
-            t_sum = tnn.tnn_sum_rows(sess, tnn.tnn_reshape_2d(sess, t_w, K, 1))
-            t_w = tnn.tnn_div(sess, t_w, tnn.tnn_reshape_3d(sess, t_sum, 1, 1, 1))
+            t_w2 = tnn.tnn_reshape_2d(sess, t_w, K, 1)
+            t_sum = tnn.tnn_clamp(sess, tnn.tnn_sum_rows(sess, t_w2), 6.103515625e-5, float("inf"))
+            t_w = tnn.tnn_reshape_3d(sess, tnn.tnn_div(sess, t_w2, t_sum), 1, K, 1)
+        if self.expert_weights_scale not in (0.0, 1.0):
+            t_w = tnn.tnn_scale(sess, t_w, self.expert_weights_scale)
+        t_up = tnn.tnn_mul_mat_id(sess, blk.t_w_up_exps, t_h2, t_top)                  # [d_ff, K, 1]
         t_gate = tnn.tnn_mul_mat_id(sess, blk.t_w_gate_exps, t_h2, t_top)
-        t_up = tnn.tnn_mul_mat_id(sess, blk.t_w_up_exps, t_h2, t_top)
-        t_act = tnn.tnn_gelu(sess, t_gate) if self.ffn_act == "gelu" else tnn.tnn_silu(sess, t_gate)
-        t_down = tnn.tnn_mul_mat_id(sess, blk.t_w_down_exps, tnn.tnn_mul(sess, t_act, t_up), t_top)
-        t_down = self.trace_tap(tag + "moe_e_down", t_down)          # [d_model, K, 1]
+        t_act = tnn.tnn_mul(sess, self._ffn_act(t_gate), t_up)
+        t_down = tnn.tnn_mul_mat_id(sess, blk.t_w_down_exps, t_act, t_top)             # [d_model, K, 1]
+        t_down = self.trace_tap(tag + "moe_e_down", t_down)
         t_weighted = tnn.tnn_mul(sess, t_down, t_w)
-        t_2d = tnn.tnn_reshape_2d(sess, t_weighted, self.d_model, K)
-        t_sum = tnn.tnn_sum_rows(sess, tnn.tnn_transpose(sess, t_2d))  # [1, d_model]
-        t_dn = tnn.tnn_reshape_2d(sess, t_sum, self.d_model, 1)
+        row = D * 4
+        t_dn = tnn.tnn_view_2d(sess, t_weighted, D, 1, row * K, 0)
+        for k in range(1, K):
+            t_dn = tnn.tnn_add(sess, t_dn, tnn.tnn_view_2d(sess, t_weighted, D, 1, row * K, k * row))
+        if K == 1:
+            t_dn = tnn.tnn_cont(sess, t_dn)
         return self.trace_tap(tag + "moe_out", t_dn)
+
+    def _kq_mask(self, pos: int, window: int) -> np.ndarray:
+        """0 where position ``pos`` may attend (causal, and inside the sliding window), -inf elsewhere."""
+        j = np.arange(self._n_kv_padded(pos))
+        ok = j <= pos
+        if window > 0:
+            ok &= pos - j < window
+        return np.where(ok, 0.0, -np.inf).astype(np.float32)
 
     def _n_kv_padded(self, pos: int) -> int:
         p = self.kv_pad
@@ -669,16 +727,15 @@ class SmolLM2KVFFICache:
             raise ValueError(f"token id {token_id} outside the vocabulary (size {self.vocab_size})")
         tnn.tnn_reset_for_rebuild(self.sess)
         self._taps = []
-        self._t_kq_mask = None
-        if self.kv_pad and not self.use_flash_attn and self.attn_softcap == 0.0:
+        self._t_kq_masks = {}
+        if self.kv_pad and not self.use_flash_attn:
             n = self._n_kv_padded(pos)
-            self._t_kq_mask = tnn.tnn_input_2d_f32(self.sess, 1, n)
+            for window in {self._layer_window(li) for li in range(self.n_layers)}:
+                self._t_kq_masks[window] = tnn.tnn_input_2d_f32(self.sess, 1, n)
         res = self.build_decode_step(pos)
         tnn.tnn_realize(self.sess, res.t_logits)
-        if self._t_kq_mask is not None:
-            mask = np.zeros(self._n_kv_padded(pos), np.float32)
-            mask[pos + 1:] = -np.inf
-            tnn.upload(self.sess, self._t_kq_mask, mask)
+        for window, t_mask in self._t_kq_masks.items():
+            tnn.upload(self.sess, t_mask, self._kq_mask(pos, window))
         tnn.upload(self.sess, res.t_token_id, np.array([token_id], np.int32))
         tnn.upload(self.sess, res.t_pos, np.array([pos], np.int32))
         tnn.tnn_compute(self.sess)
@@ -719,6 +776,11 @@ def hadamard_matrix(n: int) -> np.ndarray:
         h[s:2 * s, s:2 * s] = -blk
         s *= 2
     return h
+
+
+def _f32_div(a: float, b: float) -> float:
+    """a / b rounded to float32, as llama.cpp computes its scale constants (1.0f / x)."""
+    return float(np.float32(a) / np.float32(b))
 
 
 # The seed's names.
