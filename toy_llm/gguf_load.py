@@ -21,7 +21,7 @@ ROPE_NORMAL, ROPE_NEOX = 0, 2
 # converter permutes Q/K rows for llama-family files so ggml's NORMAL mode
 # applies; qwen2/qwen3/gemma keep HF's half-split layout (NEOX).
 ROPE_MODE_BY_ARCH = {
-    "llama": ROPE_NORMAL, "granite": ROPE_NORMAL, "olmoe": ROPE_NORMAL, "mixtral": ROPE_NORMAL,
+    "llama": ROPE_NORMAL, "granite": ROPE_NORMAL, "mixtral": ROPE_NORMAL, "olmoe": ROPE_NEOX,
     "qwen2": ROPE_NEOX, "qwen3": ROPE_NEOX, "qwen2moe": ROPE_NEOX, "qwen3moe": ROPE_NEOX,
     "gemma2": ROPE_NEOX, "gemma3": ROPE_NEOX,
 }
