@@ -97,6 +97,8 @@ def _make_wrapper(name: str, ctype: str, is_ptr: bool):
             return fn(*args)
         except TypeError:
             return fn(*_coerce(args))
+        except OverflowError as e:
+            raise TinyNNError(f"{name}: integer argument out of range ({e})") from e
 
     if name in _NEVER_FAILS:
         if is_ptr and ctype == "char":
@@ -115,6 +117,8 @@ def _make_wrapper(name: str, ctype: str, is_ptr: bool):
                 r = fn(*args)
             except TypeError:
                 r = fn(*_coerce(args))
+            except OverflowError as e:
+                raise TinyNNError(f"{name}: integer argument out of range ({e})") from e
             if r == null:
                 raise TinyNNError(last_error())
             return r
@@ -128,6 +132,8 @@ def _make_wrapper(name: str, ctype: str, is_ptr: bool):
                 r = fn(*args)
             except TypeError:
                 r = fn(*_coerce(args))
+            except OverflowError as e:
+                raise TinyNNError(f"{name}: integer argument out of range ({e})") from e
             if r < floor:
                 raise TinyNNError(last_error())
             return r
