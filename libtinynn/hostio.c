@@ -136,7 +136,7 @@ const char * tnn_tensor_name(tnn_tensor * t) {
 /* ------------------------------------------------------------------ host I/O */
 
 static bool check_io(tnn_session * sess, tnn_tensor * t, const void * data, int64_t nbytes, const char * fn) {
-    if (!tnn_check_session(sess, fn) || !tnn_check_tensor(sess, t, fn, "t")) return false;
+    if (!tnn_check_session(sess, fn) || !tnn_check_weight(sess, t, fn, "t")) return false;
     if (data == NULL) {
         tnn_set_error("%s: host buffer is NULL", fn);
         return false;
@@ -160,6 +160,16 @@ static bool check_io(tnn_session * sess, tnn_tensor * t, const void * data, int6
     return true;
 }
 
+/* repacked weights are stored interleaved for the CPU kernels; ggml cannot convert them back */
+static bool reject_repacked_read(tnn_session * sess, tnn_tensor * t, const char * fn) {
+    if (t != NULL && tnn_check_session(sess, fn) && tnn_tensor_is_repacked(sess, t) == 1) {
+        tnn_set_error("%s: tensor '%s' is repacked for ggml's CPU kernels and cannot be read back "
+                      "(load with weight repacking off to read weights)", fn, t->name);
+        return true;
+    }
+    return false;
+}
+
 static bool check_io_type(tnn_tensor * t, enum ggml_type want, const char * fn) {
     if (t != NULL && t->type != want) {
         tnn_set_error("%s: tensor '%s' is %s, not %s", fn, t->name, ggml_type_name(t->type), ggml_type_name(want));
@@ -175,6 +185,7 @@ int tnn_tensor_set_raw(tnn_session * sess, tnn_tensor * t, const void * data, in
 }
 
 int tnn_tensor_get_raw(tnn_session * sess, tnn_tensor * t, void * out, int64_t nbytes) {
+    if (reject_repacked_read(sess, t, "tnn_tensor_get_raw")) return -1;
     if (!check_io(sess, t, out, nbytes, "tnn_tensor_get_raw")) return -1;
     ggml_backend_tensor_get(t, out, 0, (size_t) nbytes);
     return 0;
@@ -195,6 +206,7 @@ int tnn_tensor_set_i32(tnn_session * sess, tnn_tensor * t, const int32_t * data,
 }
 
 int tnn_tensor_get_f32(tnn_session * sess, tnn_tensor * t, float * out, int64_t n) {
+    if (reject_repacked_read(sess, t, "tnn_tensor_get_f32")) return -1;
     if (!check_io_type(t, GGML_TYPE_F32, "tnn_tensor_get_f32")) return -1;
     if (!check_io(sess, t, out, n * 4, "tnn_tensor_get_f32")) return -1;
     ggml_backend_tensor_get(t, out, 0, (size_t) n * 4);
@@ -202,6 +214,7 @@ int tnn_tensor_get_f32(tnn_session * sess, tnn_tensor * t, float * out, int64_t 
 }
 
 int tnn_tensor_get_i32(tnn_session * sess, tnn_tensor * t, int32_t * out, int64_t n) {
+    if (reject_repacked_read(sess, t, "tnn_tensor_get_i32")) return -1;
     if (!check_io_type(t, GGML_TYPE_I32, "tnn_tensor_get_i32")) return -1;
     if (!check_io(sess, t, out, n * 4, "tnn_tensor_get_i32")) return -1;
     ggml_backend_tensor_get(t, out, 0, (size_t) n * 4);

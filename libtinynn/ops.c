@@ -76,7 +76,7 @@ tnn_tensor * tnn_get_rows(tnn_session * sess, tnn_tensor * table, tnn_tensor * i
 tnn_tensor * tnn_matmul(tnn_session * sess, tnn_tensor * w, tnn_tensor * x) {
     const char * fn = "tnn_matmul";
     PROLOGUE(fn);
-    CHECK_T(w, "w");
+    if (!tnn_check_weight(sess, w, fn, "w")) return NULL;
     CHECK_T(x, "x");
     if (!want_type(fn, "x", x, GGML_TYPE_F32)) return NULL;
     if (w->ne[0] != x->ne[0] || x->ne[2] % w->ne[2] != 0 || x->ne[3] % w->ne[3] != 0) {
@@ -113,7 +113,7 @@ tnn_tensor * tnn_mul_mat_hadamard(tnn_session * sess, tnn_tensor * rot, tnn_tens
 tnn_tensor * tnn_mul_mat_id(tnn_session * sess, tnn_tensor * as, tnn_tensor * b, tnn_tensor * ids) {
     const char * fn = "tnn_mul_mat_id";
     PROLOGUE(fn);
-    CHECK_T(as, "as");
+    if (!tnn_check_weight(sess, as, fn, "as")) return NULL;
     CHECK_T(b, "b");
     CHECK_T(ids, "ids");
     if (!want_type(fn, "ids", ids, GGML_TYPE_I32) || !want_type(fn, "b", b, GGML_TYPE_F32)) return NULL;

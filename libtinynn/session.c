@@ -42,7 +42,21 @@ static bool ptr_in_ctx(const struct ggml_context * ctx, const void * p, bool bel
     return (const char *) p >= base && (const char *) p < base + size;
 }
 
+static bool is_repacked(const tnn_session * sess, const struct ggml_tensor * t) {
+    return sess != NULL && ptr_in_ctx(sess->ctx_repack, t, true);
+}
+
 bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg) {
+    if (!tnn_check_weight(sess, t, fn, arg)) return false;
+    if (is_repacked(sess, t)) {
+        tnn_set_error("%s: tensor argument '%s' is a weight repacked for ggml's CPU kernels; it can only be the "
+                      "weight of tnn_matmul / tnn_mul_mat_id", fn, arg);
+        return false;
+    }
+    return true;
+}
+
+bool tnn_check_weight(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg) {
     if (t == NULL) {
         tnn_set_error("%s: tensor argument '%s' is NULL", fn, arg);
         return false;
@@ -52,7 +66,7 @@ bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, co
          * from another session, or a compute tensor from before the last
          * rebuild, is outside every pool of this session. */
         if (!ptr_in_ctx(sess->ctx_w, t, true) && !ptr_in_ctx(sess->ctx_mmap, t, true) &&
-            !ptr_in_ctx(sess->ctx_c, t, true)) {
+            !ptr_in_ctx(sess->ctx_c, t, true) && !ptr_in_ctx(sess->ctx_repack, t, true)) {
             tnn_set_error("%s: tensor argument '%s' (%p) does not belong to this session "
                           "(another session's, or a stale compute tensor from before tnn_reset_for_rebuild)",
                           fn, arg, (const void *) t);
@@ -221,6 +235,9 @@ int tnn_session_free(tnn_session * sess) {
     ggml_gallocr_free(sess->galloc);
     if (sess->buf_w) ggml_backend_buffer_free(sess->buf_w);
     if (sess->buf_mmap) ggml_backend_buffer_free(sess->buf_mmap);
+    if (sess->buf_repack) ggml_backend_buffer_free(sess->buf_repack);
+    if (sess->ctx_repack) ggml_free(sess->ctx_repack);
+    free(sess->repack_bindings);
     ggml_free(sess->ctx_w);
     ggml_free(sess->ctx_mmap);
     free(sess->mmap_bindings);
@@ -334,6 +351,20 @@ int tnn_finalize_weights(tnn_session * sess) {
             sess->mmap_copy_bytes += (int64_t) ggml_nbytes(t);
         }
     }
+    if (sess->n_repack_bindings > 0) {
+        sess->buf_repack = ggml_backend_alloc_ctx_tensors_from_buft(sess->ctx_repack, sess->repack_buft);
+        if (sess->buf_repack == NULL) {
+            tnn_set_error("tnn_finalize_weights: could not allocate the repacked weight buffer");
+            return -1;
+        }
+        ggml_backend_buffer_set_usage(sess->buf_repack, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        for (int64_t i = 0; i < sess->n_repack_bindings; i++) {
+            struct ggml_tensor * t = sess->repack_bindings[i].t;
+            /* the CPU_REPACK buffer's set_tensor converts to the interleaved layout */
+            ggml_backend_tensor_set(t, sess->mmap_base + sess->repack_bindings[i].offset, 0, ggml_nbytes(t));
+            sess->mmap_copy_bytes += (int64_t) ggml_nbytes(t);
+        }
+    }
     sess->finalized = true;
     return 0;
 }
@@ -344,6 +375,9 @@ int tnn_is_finalized(tnn_session * sess) {
 }
 
 /* ------------------------------------------------------------------ the weight mapping */
+
+static tnn_tensor * new_mmap_tensor(tnn_session * sess, const char * fn, int type, int n_dims, int64_t ne0,
+                                    int64_t ne1, int64_t ne2, int64_t offset);
 
 int tnn_session_attach_weight_mmap(tnn_session * sess, void * base, int64_t size) {
     const char * fn = "tnn_session_attach_weight_mmap";
@@ -436,6 +470,111 @@ tnn_tensor * tnn_input_2d_persistent_mmap(tnn_session * sess, int64_t rows, int6
 tnn_tensor * tnn_input_3d_persistent_mmap(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type,
                                           int64_t offset) {
     return new_mmap_tensor(sess, "tnn_input_3d_persistent_mmap", type, 3, ne0, ne1, ne2, offset);
+}
+
+/* ------------------------------------------------------------------ repacked matmul weights */
+
+typedef ggml_backend_buffer_type_t * (*tnn_get_extra_bufts_fn)(ggml_backend_dev_t dev);
+
+int tnn_session_set_weight_repack(tnn_session * sess, int enable) {
+    const char * fn = "tnn_session_set_weight_repack";
+    if (!tnn_check_session(sess, fn)) return -1;
+    if (sess->finalized || sess->ctx_repack != NULL) {
+        tnn_set_error("%s: choose repacking before declaring weights", fn);
+        return -1;
+    }
+    sess->repack_buft = NULL;
+    if (!enable || sess->kind != 0) return 0;
+    ggml_backend_dev_t dev = ggml_backend_get_device(sess->backend);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : NULL;
+    tnn_get_extra_bufts_fn get = reg ? (tnn_get_extra_bufts_fn) ggml_backend_reg_get_proc_address(
+                                           reg, "ggml_backend_dev_get_extra_bufts") : NULL;
+    for (ggml_backend_buffer_type_t * b = get ? get(dev) : NULL; b && *b; b++) {
+        if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) {
+            sess->repack_buft = *b;
+        }
+    }
+    if (sess->repack_buft == NULL) return 0;
+    sess->ctx_repack = new_meta_ctx(TNN_MAX_MMAP_TENSORS_DEFAULT, 0);
+    if (sess->ctx_repack == NULL) {
+        sess->repack_buft = NULL;
+        tnn_set_error("%s: out of memory", fn);
+        return -1;
+    }
+    return 1;
+}
+
+/* llama.cpp's weight_buft_supported: would the device run mul_mat(w, x) with w in the repack buffer? */
+static bool repack_supports(tnn_session * sess, enum ggml_type type, int n_dims, int64_t ne0, int64_t ne1,
+                            int64_t ne2) {
+    struct ggml_context * ctx = new_meta_ctx(8, 0);
+    if (ctx == NULL) return false;
+    struct ggml_tensor * w = n_dims == 2 ? ggml_new_tensor_2d(ctx, type, ne0, ne1)
+                                         : ggml_new_tensor_3d(ctx, type, ne0, ne1, ne2);
+    ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(sess->repack_buft, 0);
+    w->buffer = dummy;
+    struct ggml_tensor * op;
+    if (n_dims == 2) {
+        op = ggml_mul_mat(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, 512));
+    } else {
+        struct ggml_tensor * b = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne0, 2, 512);
+        struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 2, 512);
+        op = ggml_mul_mat_id(ctx, w, b, ids);
+    }
+    bool ok = ggml_backend_dev_supports_op(ggml_backend_get_device(sess->backend), op);
+    w->buffer = NULL;
+    if (dummy) ggml_backend_buffer_free(dummy);
+    ggml_free(ctx);
+    return ok;
+}
+
+static tnn_tensor * new_weight(tnn_session * sess, const char * fn, int type, int n_dims, int64_t ne0, int64_t ne1,
+                               int64_t ne2, int64_t offset) {
+    if (!tnn_check_session(sess, fn)) return NULL;
+    if (sess->repack_buft == NULL || !tnn_check_type(type, fn) || ne0 <= 0 || ne1 <= 0 || ne2 <= 0 ||
+        !repack_supports(sess, (enum ggml_type) type, n_dims, ne0, ne1, ne2)) {
+        return new_mmap_tensor(sess, fn, type, n_dims, ne0, ne1, ne2, offset);
+    }
+    /* validate exactly as for a mapped tensor, with a throwaway declaration in a scratch context */
+    if (sess->mmap_base == NULL || sess->finalized) {
+        return new_mmap_tensor(sess, fn, type, n_dims, ne0, ne1, ne2, offset); /* reports the error */
+    }
+    if (!ctx_has_room(sess->ctx_repack, fn, "repacked-weight")) return NULL;
+    if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, 1)) return NULL;
+    int64_t nbytes = (int64_t) ggml_row_size((enum ggml_type) type, ne0) * ne1 * ne2;
+    if (offset < 0 || offset > sess->mmap_size || nbytes > sess->mmap_size - offset) {
+        tnn_set_error("%s: byte range [%" PRId64 ", %" PRId64 ") lies outside the %" PRId64 "-byte mapping", fn,
+                      offset, offset + nbytes, sess->mmap_size);
+        return NULL;
+    }
+    struct tnn_mmap_binding * nb = (struct tnn_mmap_binding *) realloc(
+        sess->repack_bindings, (size_t) (sess->n_repack_bindings + 1) * sizeof(*nb));
+    if (!nb) {
+        tnn_set_error("%s: out of memory", fn);
+        return NULL;
+    }
+    sess->repack_bindings = nb;
+    struct ggml_tensor * t = n_dims == 2 ? ggml_new_tensor_2d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1)
+                                         : ggml_new_tensor_3d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1, ne2);
+    nb[sess->n_repack_bindings].t = t;
+    nb[sess->n_repack_bindings].offset = offset;
+    sess->n_repack_bindings++;
+    return t;
+}
+
+tnn_tensor * tnn_input_2d_weight_mmap(tnn_session * sess, int64_t rows, int64_t cols, int type, int64_t offset) {
+    return new_weight(sess, "tnn_input_2d_weight_mmap", type, 2, cols, rows, 1, offset);
+}
+
+tnn_tensor * tnn_input_3d_weight_mmap(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type,
+                                      int64_t offset) {
+    return new_weight(sess, "tnn_input_3d_weight_mmap", type, 3, ne0, ne1, ne2, offset);
+}
+
+int tnn_tensor_is_repacked(tnn_session * sess, tnn_tensor * t) {
+    if (!tnn_check_session(sess, "tnn_tensor_is_repacked") ||
+        !tnn_check_weight(sess, t, "tnn_tensor_is_repacked", "t")) return -1;
+    return is_repacked(sess, t) ? 1 : 0;
 }
 
 int64_t tnn_session_mmap_resident_copy_bytes(tnn_session * sess) {

@@ -75,6 +75,15 @@ tnn_tensor * tnn_input_1d_persistent_mmap(tnn_session * sess, int64_t n, int typ
 tnn_tensor * tnn_input_2d_persistent_mmap(tnn_session * sess, int64_t rows, int64_t cols, int type, int64_t offset);
 tnn_tensor * tnn_input_3d_persistent_mmap(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type, int64_t offset);
 int64_t      tnn_session_mmap_resident_copy_bytes(tnn_session * sess);  /* bytes copied off the map (non-host backends) */
+/* Matmul weights. With repacking on (CPU backend, before any weight is declared), a weight whose
+ * type/shape ggml's CPU_REPACK buffer takes is copied there at finalize in its interleaved layout,
+ * exactly as llama.cpp does by default, so the same GEMV kernels run (bit-identical results, and
+ * faster). Repacked tensors can only be the weight of tnn_matmul / tnn_mul_mat_id, and can be
+ * written (whole) but not read back. Returns 1 when repacking is active, 0 when unavailable. */
+int          tnn_session_set_weight_repack(tnn_session * sess, int enable);
+tnn_tensor * tnn_input_2d_weight_mmap(tnn_session * sess, int64_t rows, int64_t cols, int type, int64_t offset);
+tnn_tensor * tnn_input_3d_weight_mmap(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type, int64_t offset);
+int          tnn_tensor_is_repacked(tnn_session * sess, tnn_tensor * t);
 
 /* ---- graph life cycle ---- */
 int          tnn_reset_for_rebuild(tnn_session * sess);

@@ -40,6 +40,14 @@ struct tnn_session {
     int64_t n_mmap_bindings;
     int64_t mmap_copy_bytes;
 
+    /* matmul weights in ggml's CPU_REPACK layout, as llama.cpp stores them (copied from the
+     * mapping at finalize); only when enabled with tnn_session_set_weight_repack */
+    ggml_backend_buffer_type_t repack_buft;
+    struct ggml_context * ctx_repack;
+    ggml_backend_buffer_t buf_repack;
+    struct tnn_mmap_binding * repack_bindings;
+    int64_t n_repack_bindings;
+
     struct ggml_context * ctx_c;    /* compute graph tensors, rebuilt per step */
     struct ggml_cgraph * gf;
     ggml_gallocr_t galloc;
@@ -55,6 +63,8 @@ void tnn_install_log_hook(void);
 /* validation helpers (session.c) */
 bool tnn_check_session(const tnn_session * sess, const char * fn);
 bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg);
+/* like tnn_check_tensor, but also accepts a repacked weight (only matmul / mul_mat_id take those) */
+bool tnn_check_weight(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg);
 bool tnn_check_type(int type, const char * fn);
 bool tnn_check_graph_ready(const tnn_session * sess, const char * fn);
 void tnn_shape_str(const struct ggml_tensor * t, char * buf, size_t n);

@@ -127,6 +127,7 @@ class SmolLM2KVFFICache:
         self.lora_q_adamw_enabled = False
         self.per_head_attn = False
         self.backend = backend
+        self.repack_weights = True   # mmap path on CPU: as llama.cpp (see realize_for_mmap)
         self.n_threads = n_threads
         self._weights = None
         self._trace = False
@@ -264,6 +265,9 @@ class SmolLM2KVFFICache:
         if self.has_qk_norm and self.qk_norm_kind == 0:
             self.qk_norm_kind = 1
         self._new_session()
+        # llama.cpp keeps CPU matmul weights of some types (Q4_0, Q4_K, ... per CPU) in ggml's
+        # interleaved CPU_REPACK layout; using it too runs the same kernels, so the same rounding
+        tnn.tnn_session_set_weight_repack(self.sess, 1 if self.repack_weights else 0)
         self._weights = MmapWeights(self.sess, gguf_handle, cfg.path)
         self._declare_weights()
         self._finalize()

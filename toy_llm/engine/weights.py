@@ -73,11 +73,13 @@ class MmapWeights:
         off = tnn.tnn_gguf_tensor_file_offset(self.g, idx)
         try:
             if s.ne is not None:
-                return tnn.tnn_input_3d_persistent_mmap(self.sess, *s.ne, typ, off)
+                return tnn.tnn_input_3d_weight_mmap(self.sess, *s.ne, typ, off)
             start, _ = s.byte_range(typ, tnn.tnn_gguf_tensor_nbytes(self.g, idx))
             off += start
             if s.rows == 1 and kind == "f32":
                 return tnn.tnn_input_1d_persistent_mmap(self.sess, s.cols, typ, off)
+            if kind == "linear":  # a matmul weight: may be repacked like llama.cpp's
+                return tnn.tnn_input_2d_weight_mmap(self.sess, s.rows, s.cols, typ, off)
             return tnn.tnn_input_2d_persistent_mmap(self.sess, s.rows, s.cols, typ, off)
         except tnn.TinyNNError as e:
             raise tnn.TinyNNError(f"{self.path}: tensor '{s.name}': {e}") from e
