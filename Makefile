@@ -62,6 +62,7 @@ TNN_SO      := toy_llm/tinynn/libtinynn.so
 FFI_STAMP   := $(BUILD)/.ffi-stamp
 MODEL_DIR   := models
 SMOLLM2     := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+GEMMA3      := $(MODEL_DIR)/gemma-3-270m-q4_k_m.gguf
 
 .PHONY: all venv ggml lib ffi test demo bench clean distclean models oracle
 
@@ -114,7 +115,10 @@ ffi: $(FFI_STAMP)
 $(SMOLLM2): | $(VENV)/.base
 	$(VPY) -m toy_llm.fetch smollm2 --dest $(MODEL_DIR)
 
-models: $(SMOLLM2)
+$(GEMMA3): | $(VENV)/.base
+	$(VPY) -m toy_llm.fetch gemma3-270m --dest $(MODEL_DIR)
+
+models: $(SMOLLM2) $(GEMMA3)
 
 # ---- tests, demo, bench -----------------------------------------------------
 $(VENV)/.oracle: $(VENV)/.base tests/requirements-oracle.txt
@@ -124,7 +128,7 @@ $(VENV)/.oracle: $(VENV)/.base tests/requirements-oracle.txt
 
 oracle: $(VENV)/.oracle
 
-test: all $(VENV)/.oracle $(SMOLLM2)
+test: all $(VENV)/.oracle $(SMOLLM2) $(GEMMA3)
 	$(VPY) -m pytest -q tests
 
 demo: all $(SMOLLM2)

@@ -208,10 +208,10 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
             raise
     else:
         if weight_type is None:
-            # byte-for-byte copy of the file's own types (the embedding too: tied models reuse it as
-            # the output matrix, and an F32 copy would change the logits)
+            # byte-for-byte copy of each tensor in the file's own type (the embedding too: tied models
+            # reuse it as the output matrix, and an F32 copy would change the logits)
             cache.set_weight_type(cfg.weight_type)
-            cache.embed_type = cfg.tensor_types["token_embd.weight"]
+            cache.copy_file_types = cfg.tensor_types
         else:
             cache.set_weight_type(weight_type)
         cache.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,

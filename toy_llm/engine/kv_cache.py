@@ -88,6 +88,7 @@ class SmolLM2KVFFICache:
         self.rope_mode = tnn.ROPE_NORMAL
         self.rope_scaling = RopeScaling.none()
         self.t_rope_freq_factors = None
+        self.has_rope_freqs = False
         self.rms_eps = 1.0e-5
         self.sess = None
         self.t_token_embed = None
@@ -114,6 +115,7 @@ class SmolLM2KVFFICache:
         self.kv_blocks_ffi: list[SmolLM2KVBlockFFI] = [SmolLM2KVBlockFFI()]
         self.weight_type = GGML_TYPE_F32
         self.embed_type = GGML_TYPE_F32   # copy path: the seed keeps the embedding table F32
+        self.copy_file_types = None       # copy path: {tensor name: type} to keep the file's own types
         self.kv_type_k = GGML_TYPE_F32
         self.kv_type_v = GGML_TYPE_F32
         self.use_flash_attn = False
@@ -127,7 +129,7 @@ class SmolLM2KVFFICache:
         self.lora_q_adamw_enabled = False
         self.per_head_attn = False
         self.backend = backend
-        self.repack_weights = True   # mmap path on CPU: as llama.cpp (see realize_for_mmap)
+        self.repack_weights = True   # CPU: matmul weights in llama.cpp's repacked layout (see realize_for_mmap)
         self.n_threads = n_threads
         self._weights = None
         self._trace = False
@@ -179,6 +181,7 @@ class SmolLM2KVFFICache:
         self.rope_mode = cfg.rope_mode
         self.rope_dim = cfg.rope_dim
         self.rope_scaling = cfg.rope_scaling
+        self.has_rope_freqs = cfg.has_rope_freqs
         self.has_qk_norm = cfg.qk_norm_kind != 0
         self.qk_norm_kind = cfg.qk_norm_kind
         self.has_post_norms = cfg.post_norms
@@ -249,7 +252,8 @@ class SmolLM2KVFFICache:
                        rope_base, rms_eps)
         self.has_untied_output, self.has_qkv_bias = untied, qkv_bias
         self._new_session()
-        self._weights = CopyWeights(self.sess, self.weight_type, self.embed_type)
+        tnn.tnn_session_set_weight_repack(self.sess, 1 if self.repack_weights else 0)
+        self._weights = CopyWeights(self.sess, self.weight_type, self.embed_type, self.copy_file_types)
         self._declare_weights()
         self._finalize()
 
@@ -317,7 +321,9 @@ class SmolLM2KVFFICache:
         self.t_final_norm_gamma = vec("output_norm.weight", D)
         if self.has_untied_output:
             self.t_output = lin("output.weight", self.vocab_size, D)
-        if self.rope_scaling.kind == "llama3":
+        if self.has_rope_freqs:   # the file's own rope frequency factors (Llama 3 conversions)
+            self.t_rope_freq_factors = vec("rope_freqs.weight", Dh // 2)
+        elif self.rope_scaling.kind == "llama3":   # computed from the scaling keys at finalize
             self.t_rope_freq_factors = tnn.tnn_rope_freq_factors_alloc(self.sess, Dh)
 
         self._declare_kv_rotations()
@@ -404,20 +410,11 @@ class SmolLM2KVFFICache:
         for rot in (self.t_k_hadamard, self.t_v_hadamard):
             if rot is not None:
                 tnn.upload(self.sess, rot, hadamard_matrix(tnn.tnn_tensor_ne(rot, 0)))
-        if self.rope_scaling.kind == "llama3":
+        if self.rope_scaling.kind == "llama3" and not self.has_rope_freqs:
             rs = self.rope_scaling
-            w = self._weights
-            if isinstance(w, MmapWeights) and w.has("rope_freqs.weight"):
-                idx = tnn.tnn_gguf_find_index(w.g, "rope_freqs.weight")
-                off = tnn.tnn_gguf_tensor_file_offset(w.g, idx)
-                base = int(tnn.ffi.cast("uintptr_t", tnn.tnn_gguf_mmap_base(w.g)))
-                ff = np.frombuffer(tnn.ffi.buffer(tnn.ffi.cast("char *", base + off), self.d_head // 2 * 4),
-                                   dtype=np.float32).copy()
-            else:
-                ff = RopeScaling.compute_llama3_freq_factors(self.d_head, self.rope_base, rs.orig_max_pos,
-                                                             rs.factor, rs.low_freq_factor, rs.high_freq_factor)
-            tnn.tnn_upload_from_float_array(self.sess, self.t_rope_freq_factors,
-                                            tnn.ffi.from_buffer("float[]", ff), ff.size)
+            ff = RopeScaling.compute_llama3_freq_factors(self.d_head, self.rope_base, rs.orig_max_pos,
+                                                         rs.factor, rs.low_freq_factor, rs.high_freq_factor)
+            tnn.upload(self.sess, self.t_rope_freq_factors, ff)
         self.realized = True
 
     def upload_lora_q_init(self, seed: int, init_scale: float = 0.01) -> None:

@@ -91,8 +91,12 @@ class MmapWeights:
 class CopyWeights:
     """Weights in the session's own buffer, filled from the file by :meth:`load`."""
 
-    def __init__(self, sess, weight_type: int, embed_type: int = tnn.GGML_TYPE_F32):
+    def __init__(self, sess, weight_type: int, embed_type: int = tnn.GGML_TYPE_F32,
+                 file_types: dict[str, int] | None = None):
+        """``file_types`` (name -> ggml type): keep each linear weight and the embedding in its own
+        type from the file (a byte copy), instead of ``weight_type`` / ``embed_type``."""
         self.sess, self.weight_type, self.embed_type = sess, weight_type, embed_type
+        self.file_types = file_types
         self.pending: list[tuple[object, Slice]] = []
 
     def has(self, name: str) -> bool:  # decided by the caller's flags on this path
@@ -100,12 +104,14 @@ class CopyWeights:
 
     def tensor(self, s: Slice, kind: str):
         wtype = {"linear": self.weight_type, "embed": self.embed_type}.get(kind, tnn.GGML_TYPE_F32)
+        if self.file_types is not None and kind in ("linear", "embed"):
+            wtype = self.file_types[s.name]
         if s.ne is not None:
-            t = tnn.tnn_input_3d_persistent_typed(self.sess, *s.ne, wtype)
+            t = tnn.tnn_input_3d_weight_typed(self.sess, *s.ne, wtype)
         elif s.rows == 1 and kind == "f32":
             t = tnn.tnn_input_1d_f32_persistent(self.sess, s.cols)
-        elif wtype == tnn.GGML_TYPE_F32:
-            t = tnn.tnn_input_2d_f32_persistent(self.sess, s.rows, s.cols)
+        elif kind == "linear":  # a matmul weight: may be repacked like llama.cpp's
+            t = tnn.tnn_input_2d_weight_typed(self.sess, s.rows, s.cols, wtype)
         else:
             t = tnn.tnn_input_2d_persistent_typed(self.sess, s.rows, s.cols, wtype)
         self.pending.append((t, s))

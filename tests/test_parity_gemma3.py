@@ -1,0 +1,62 @@
+"""The real Gemma 3 270M (Q4_K_M, from its PyPI part packages) against llama.cpp.
+
+Same oracle and bound as tests/test_parity_smollm2.py (measured: max |Δlogit| = 0). Gemma 3
+exercises the sliding-window layers (window 512, 5 of every 6 layers) with their own rope base,
+per-head QK-norm, sandwich norms, GELU, the sqrt(d_model) embedding scale, Q pre-scaling, and the
+Q4_K weights that llama.cpp runs through ggml's repacked CPU kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import toy_llm
+from oracle import KV_GGML_TYPE, PARITY_TEXT, oracle_greedy, oracle_logits, report
+
+lc = pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
+BOUND = 1e-3
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    from toy_llm.fetch import fetch
+
+    return fetch("gemma3-270m")
+
+
+def _oracle(path, kv_type, flash):
+    return lc.Llama(str(path), n_ctx=256, n_batch=1, n_ubatch=1, logits_all=True, verbose=False,
+                    n_threads=os.cpu_count(), type_k=KV_GGML_TYPE[kv_type], type_v=KV_GGML_TYPE[kv_type],
+                    flash_attn=flash)
+
+
+@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+def test_gemma3_teacher_forced_logits(gemma3, kv_type, flash):
+    llm = _oracle(gemma3, kv_type, flash)
+    try:
+        tokens = llm.tokenize(PARITY_TEXT.encode(), add_bos=True)[:48]
+        ref = oracle_logits(llm, tokens)
+    finally:
+        llm.close()
+    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash) as m:
+        assert m.tokenize(PARITY_TEXT)[:48] == tokens
+        ours = m.eval(tokens)
+    max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type}", ours, ref)
+    assert agree == 1.0
+    assert max_abs <= BOUND
+
+
+def test_gemma3_greedy_32_tokens(gemma3):
+    prompt = "The capital of France is"
+    llm = _oracle(gemma3, "f32", False)
+    try:
+        ids = llm.tokenize(prompt.encode(), add_bos=True)
+        ref_text = llm.detokenize(oracle_greedy(llm, ids, 32)).decode("utf-8", "replace")
+    finally:
+        llm.close()
+    with toy_llm.load(gemma3, max_T=256) as m:
+        assert m.tokenize(prompt) == ids
+        text = m.generate(prompt, max_new_tokens=32)
+    print(f"\n[greedy] Gemma 3 270M: llama.cpp {ref_text!r}\n[greedy] Gemma 3 270M: toy_llm   {text!r}")
+    assert text == ref_text
