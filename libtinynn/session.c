@@ -351,7 +351,7 @@ int tnn_finalize_weights(tnn_session * sess) {
             sess->mmap_copy_bytes += (int64_t) ggml_nbytes(t);
         }
     }
-    if (sess->n_repack_bindings > 0) {
+    if (sess->ctx_repack != NULL && ggml_get_first_tensor(sess->ctx_repack) != NULL) {
         sess->buf_repack = ggml_backend_alloc_ctx_tensors_from_buft(sess->ctx_repack, sess->repack_buft);
         if (sess->buf_repack == NULL) {
             tnn_set_error("tnn_finalize_weights: could not allocate the repacked weight buffer");
@@ -528,19 +528,24 @@ static bool repack_supports(tnn_session * sess, enum ggml_type type, int n_dims,
     return ok;
 }
 
+/* A matmul weight: into the repack context when repacking is on and ggml takes this type/shape,
+ * else a plain tensor. ``mapped``: bytes come from the mapping at ``offset`` (else uploaded later). */
 static tnn_tensor * new_weight(tnn_session * sess, const char * fn, int type, int n_dims, int64_t ne0, int64_t ne1,
-                               int64_t ne2, int64_t offset) {
+                               int64_t ne2, bool mapped, int64_t offset) {
     if (!tnn_check_session(sess, fn)) return NULL;
     if (sess->repack_buft == NULL || !tnn_check_type(type, fn) || ne0 <= 0 || ne1 <= 0 || ne2 <= 0 ||
-        !repack_supports(sess, (enum ggml_type) type, n_dims, ne0, ne1, ne2)) {
-        return new_mmap_tensor(sess, fn, type, n_dims, ne0, ne1, ne2, offset);
-    }
-    /* validate exactly as for a mapped tensor, with a throwaway declaration in a scratch context */
-    if (sess->mmap_base == NULL || sess->finalized) {
-        return new_mmap_tensor(sess, fn, type, n_dims, ne0, ne1, ne2, offset); /* reports the error */
+        !repack_supports(sess, (enum ggml_type) type, n_dims, ne0, ne1, ne2) ||
+        (mapped && sess->mmap_base == NULL) || sess->finalized) {
+        /* not repackable, or an error the plain constructors report */
+        return mapped ? new_mmap_tensor(sess, fn, type, n_dims, ne0, ne1, ne2, offset)
+                      : new_persistent(sess, fn, type, n_dims, ne0, ne1, ne2);
     }
     if (!ctx_has_room(sess->ctx_repack, fn, "repacked-weight")) return NULL;
     if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, 1)) return NULL;
+    if (!mapped) {
+        return n_dims == 2 ? ggml_new_tensor_2d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1)
+                           : ggml_new_tensor_3d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1, ne2);
+    }
     int64_t nbytes = (int64_t) ggml_row_size((enum ggml_type) type, ne0) * ne1 * ne2;
     if (offset < 0 || offset > sess->mmap_size || nbytes > sess->mmap_size - offset) {
         tnn_set_error("%s: byte range [%" PRId64 ", %" PRId64 ") lies outside the %" PRId64 "-byte mapping", fn,
@@ -563,12 +568,20 @@ static tnn_tensor * new_weight(tnn_session * sess, const char * fn, int type, in
 }
 
 tnn_tensor * tnn_input_2d_weight_mmap(tnn_session * sess, int64_t rows, int64_t cols, int type, int64_t offset) {
-    return new_weight(sess, "tnn_input_2d_weight_mmap", type, 2, cols, rows, 1, offset);
+    return new_weight(sess, "tnn_input_2d_weight_mmap", type, 2, cols, rows, 1, true, offset);
 }
 
 tnn_tensor * tnn_input_3d_weight_mmap(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type,
                                       int64_t offset) {
-    return new_weight(sess, "tnn_input_3d_weight_mmap", type, 3, ne0, ne1, ne2, offset);
+    return new_weight(sess, "tnn_input_3d_weight_mmap", type, 3, ne0, ne1, ne2, true, offset);
+}
+
+tnn_tensor * tnn_input_2d_weight_typed(tnn_session * sess, int64_t rows, int64_t cols, int type) {
+    return new_weight(sess, "tnn_input_2d_weight_typed", type, 2, cols, rows, 1, false, 0);
+}
+
+tnn_tensor * tnn_input_3d_weight_typed(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type) {
+    return new_weight(sess, "tnn_input_3d_weight_typed", type, 3, ne0, ne1, ne2, false, 0);
 }
 
 int tnn_tensor_is_repacked(tnn_session * sess, tnn_tensor * t) {

@@ -83,6 +83,8 @@ int64_t      tnn_session_mmap_resident_copy_bytes(tnn_session * sess);  /* bytes
 int          tnn_session_set_weight_repack(tnn_session * sess, int enable);
 tnn_tensor * tnn_input_2d_weight_mmap(tnn_session * sess, int64_t rows, int64_t cols, int type, int64_t offset);
 tnn_tensor * tnn_input_3d_weight_mmap(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type, int64_t offset);
+tnn_tensor * tnn_input_2d_weight_typed(tnn_session * sess, int64_t rows, int64_t cols, int type);  /* filled by upload */
+tnn_tensor * tnn_input_3d_weight_typed(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type);
 int          tnn_tensor_is_repacked(tnn_session * sess, tnn_tensor * t);
 
 /* ---- graph life cycle ---- */
