@@ -1,0 +1,137 @@
+"""The seed's class and the public API beyond parity: trace, LoRA-Q, errors that name things, CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import toy_llm
+from toy_llm import tinynn as tnn
+from toy_llm.cli import main as cli_main
+from toy_llm.engine import SmolLM2KVFFICache, SmolLM2KVFFICacheMetal
+from toy_llm.engine.weights import MissingTensorError
+from toy_llm.gguf_load import GGUFLoadError, load_config
+
+synthetic = pytest.importorskip("toy_llm.testing.synthetic")
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    return synthetic.write_model(tmp_path_factory.mktemp("api") / "llama.gguf", "llama")
+
+
+def test_seed_names_and_attributes(llama_path):
+    assert SmolLM2KVFFICacheMetal is SmolLM2KVFFICache
+    with toy_llm.load(llama_path, max_T=32) as m:
+        c = m.cache
+        for name in ("attn_softcap", "d_ff", "d_head", "d_model", "embed_scale", "final_softcap",
+                     "gguf_handle_keepalive", "group_size", "has_post_norms", "has_qk_norm", "has_qkv_bias",
+                     "has_untied_output", "is_moe", "kv_blocks_ffi", "kv_type_k", "kv_type_v",
+                     "lora_q_adamw_enabled", "lora_q_enabled", "lora_q_rank", "max_T", "n_experts",
+                     "n_experts_used", "n_heads", "n_kv", "n_layers", "qk_norm_kind", "realized", "rms_eps",
+                     "rope_base", "rope_scaling", "sess", "swa_alternates", "swa_window", "t_final_norm_gamma",
+                     "t_output", "t_rope_freq_factors", "t_token_embed", "use_flash_attn", "vocab_size",
+                     "weight_type"):
+            assert hasattr(c, name), name
+        assert c.realized and c.group_size == c.n_heads // c.n_kv
+        assert len(c.kv_blocks_ffi) == c.n_layers and len(c.kv_blocks_ffi[0].t_w_q) == c.n_heads
+        gamma = c.read_persistent_mat(c.t_final_norm_gamma, 1, c.d_model)
+        assert gamma.shape == (1, c.d_model) and np.isfinite(gamma).all()
+        assert c.head_nbytes(tnn.GGML_TYPE_Q8_0, 64, 512) == 64 * 544
+        with pytest.raises(tnn.TinyNNError):
+            c.head_nbytes(tnn.GGML_TYPE_Q4_K, 64, 100)   # 100 is not a whole number of blocks
+
+
+def test_trace_returns_named_intermediates(llama_path):
+    with toy_llm.load(llama_path, max_T=32) as m:
+        ids = m.tokenize("The river")
+        m.cache.enable_trace()
+        logits = m.eval(ids)
+        trace = m.cache.dump_trace()
+    for name in ("embed", "L0.rn1", "L0.q_rot", "L0.k_rot", "L0.concat", "L1.post_ffn", "final_norm", "logits"):
+        assert name in trace, name
+    np.testing.assert_array_equal(trace["logits"].reshape(-1), logits[-1])
+    # the residual stream is what the taps say it is: post_ffn = post_attn + dn
+    np.testing.assert_allclose(trace["L1.post_ffn"], trace["L1.post_attn"] + trace["L1.dn"], rtol=1e-6, atol=1e-6)
+
+
+def test_lora_q_starts_as_a_no_op_and_then_changes_q(llama_path):
+    cfg = load_config(llama_path)
+    tokens = [65, 66, 67, 68]
+
+    def run(lora: bool, bump: bool = False):
+        c = SmolLM2KVFFICache()
+        c.apply_config(cfg)
+        if lora:
+            c.enable_lora_q(4)
+            c.enable_lora_q_adamw()
+        g = tnn.tnn_gguf_load(str(llama_path))
+        c.realize_for_mmap(g, cfg, 16, cfg.untied_output, cfg.qkv_bias)
+        try:
+            if lora:
+                c.upload_lora_q_init(seed=7, init_scale=0.01)
+                if bump:
+                    b = np.full((c.d_head, 4), 0.5, np.float32)
+                    tnn.upload(c.sess, c.kv_blocks_ffi[0].t_w_lora_b_q[0], b)
+            return np.stack([c.step(t, i) for i, t in enumerate(tokens)])
+        finally:
+            c.close()
+
+    base = run(False)
+    np.testing.assert_array_equal(run(True), base)          # B = 0: exactly the base model
+    assert np.abs(run(True, bump=True) - base).max() > 1e-3  # a non-zero B changes the output
+
+
+def test_errors_name_the_file_and_the_tensor(tmp_path, llama_path):
+    import gguf
+
+    bad_arch = tmp_path / "bert.gguf"
+    w = gguf.GGUFWriter(str(bad_arch), "bert")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(GGUFLoadError, match=r"bert\.gguf.*unsupported architecture 'bert'"):
+        toy_llm.load(bad_arch)
+
+    # drop one tensor from an otherwise valid file
+    r = gguf.GGUFReader(str(llama_path))
+    missing = tmp_path / "missing.gguf"
+    w = gguf.GGUFWriter(str(missing), "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0] if len(f.types) == 1 else f.types[0],
+                        sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        if t.name != "blk.1.ffn_up.weight":
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(MissingTensorError, match=r"missing\.gguf.*'blk\.1\.ffn_up\.weight'"):
+        toy_llm.load(missing)
+
+    with pytest.raises(GGUFLoadError, match="no such file"):
+        toy_llm.load(tmp_path / "nope.gguf")
+
+
+def test_bad_inputs_raise_instead_of_crashing(llama_path):
+    with toy_llm.load(llama_path, max_T=8) as m:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            m.eval([10 ** 6])
+        with pytest.raises(ValueError, match="context full"):
+            m.eval(list(range(9)))
+        with pytest.raises(ValueError, match="kv_type"):
+            toy_llm.load(llama_path, kv_type="q4")
+
+
+def test_cli_help_info_and_generate(capsys, llama_path):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--help"])
+    assert e.value.code == 0
+    assert "generate" in capsys.readouterr().out
+    assert cli_main(["info", str(llama_path)]) == 0
+    out = capsys.readouterr().out
+    assert "arch         llama" in out and "d_model 512" in out
+    assert cli_main(["generate", "The river", "-n", "8", "-m", str(llama_path), "--max-t", "64"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The river") and "tok/s" in captured.err
+    with toy_llm.load(llama_path, max_T=64) as m:
+        assert captured.out.rstrip("\n") == "The river" + m.generate("The river", max_new_tokens=8)
+    assert cli_main(["info", "/nonexistent.gguf"]) == 2
