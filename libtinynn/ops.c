@@ -564,8 +564,7 @@ tnn_tensor * tnn_flash_attn_ext(tnn_session * sess, tnn_tensor * q, tnn_tensor *
     return r;
 }
 
-tnn_tensor * tnn_top_k(tnn_session * sess, tnn_tensor * a, int k) {
-    const char * fn = "tnn_top_k";
+static tnn_tensor * top_k(tnn_session * sess, tnn_tensor * a, int k, const char * fn, bool sorted) {
     PROLOGUE(fn);
     CHECK_T(a, "a");
     if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
@@ -577,25 +576,17 @@ tnn_tensor * tnn_top_k(tnn_session * sess, tnn_tensor * a, int k) {
         fail_shape(fn, "a must be contiguous", a, NULL);
         return NULL;
     }
-    return ggml_top_k(sess->ctx_c, a, k);
+    return sorted ? ggml_argsort_top_k(sess->ctx_c, a, k) : ggml_top_k(sess->ctx_c, a, k);
+}
+
+tnn_tensor * tnn_top_k(tnn_session * sess, tnn_tensor * a, int k) {
+    return top_k(sess, a, k, "tnn_top_k", false);
 }
 
 /* llama.cpp selects MoE experts with argsort_top_k (sorted, descending); the order decides the
  * order in which expert outputs are summed, so it matters for exact parity. */
 tnn_tensor * tnn_argsort_top_k(tnn_session * sess, tnn_tensor * a, int k) {
-    const char * fn = "tnn_argsort_top_k";
-    PROLOGUE(fn);
-    CHECK_T(a, "a");
-    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
-    if (k <= 0 || k > a->ne[0]) {
-        tnn_set_error("%s: k must be in 1..a.ne0 (%" PRId64 "), got %d", fn, a->ne[0], k);
-        return NULL;
-    }
-    if (!ggml_is_contiguous(a)) {
-        fail_shape(fn, "a must be contiguous", a, NULL);
-        return NULL;
-    }
-    return ggml_argsort_top_k(sess->ctx_c, a, k);
+    return top_k(sess, a, k, "tnn_argsort_top_k", true);
 }
 
 tnn_tensor * tnn_clamp(tnn_session * sess, tnn_tensor * a, float min, float max) {

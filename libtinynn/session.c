@@ -379,6 +379,33 @@ int tnn_is_finalized(tnn_session * sess) {
 static tnn_tensor * new_mmap_tensor(tnn_session * sess, const char * fn, int type, int n_dims, int64_t ne0,
                                     int64_t ne1, int64_t ne2, int64_t offset);
 
+/* the tensor's bytes [offset, offset + size) must lie inside the attached mapping */
+static bool check_map_range(const tnn_session * sess, const char * fn, int type, int64_t ne0, int64_t ne1,
+                            int64_t ne2, int64_t offset) {
+    int64_t nbytes = (int64_t) ggml_row_size((enum ggml_type) type, ne0) * ne1 * ne2;
+    if (offset < 0 || offset > sess->mmap_size || nbytes > sess->mmap_size - offset) {
+        tnn_set_error("%s: byte range [%" PRId64 ", %" PRId64 ") lies outside the %" PRId64 "-byte mapping", fn,
+                      offset, offset + nbytes, sess->mmap_size);
+        return false;
+    }
+    return true;
+}
+
+/* remember that t's bytes are copied from the mapping at offset when the session is finalized */
+static bool push_binding(struct tnn_mmap_binding ** arr, int64_t * n, struct ggml_tensor * t, int64_t offset,
+                         const char * fn) {
+    struct tnn_mmap_binding * nb = (struct tnn_mmap_binding *) realloc(*arr, (size_t) (*n + 1) * sizeof(*nb));
+    if (!nb) {
+        tnn_set_error("%s: out of memory", fn);
+        return false;
+    }
+    *arr = nb;
+    nb[*n].t = t;
+    nb[*n].offset = offset;
+    (*n)++;
+    return true;
+}
+
 int tnn_session_attach_weight_mmap(tnn_session * sess, void * base, int64_t size) {
     const char * fn = "tnn_session_attach_weight_mmap";
     if (!tnn_check_session(sess, fn)) return -1;
@@ -423,12 +450,7 @@ static tnn_tensor * new_mmap_tensor(tnn_session * sess, const char * fn, int typ
     if (!tnn_check_type(type, fn)) return NULL;
     if (!check_dims(fn, ne0, ne1, ne2)) return NULL;
     if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, 1)) return NULL;
-    int64_t nbytes = (int64_t) ggml_row_size((enum ggml_type) type, ne0) * ne1 * ne2;
-    if (offset < 0 || offset > sess->mmap_size || nbytes > sess->mmap_size - offset) {
-        tnn_set_error("%s: byte range [%" PRId64 ", %" PRId64 ") lies outside the %" PRId64 "-byte mapping", fn,
-                      offset, offset + nbytes, sess->mmap_size);
-        return NULL;
-    }
+    if (!check_map_range(sess, fn, type, ne0, ne1, ne2, offset)) return NULL;
     if (offset % 4 != 0) {
         tnn_set_error("%s: offset %" PRId64 " is not 4-byte aligned", fn, offset);
         return NULL;
@@ -446,17 +468,7 @@ static tnn_tensor * new_mmap_tensor(tnn_session * sess, const char * fn, int typ
         }
         return t;
     }
-    struct tnn_mmap_binding * nb = (struct tnn_mmap_binding *) realloc(
-        sess->mmap_bindings, (size_t) (sess->n_mmap_bindings + 1) * sizeof(*nb));
-    if (!nb) {
-        tnn_set_error("%s: out of memory", fn);
-        return NULL;
-    }
-    sess->mmap_bindings = nb;
-    nb[sess->n_mmap_bindings].t = t;
-    nb[sess->n_mmap_bindings].offset = offset;
-    sess->n_mmap_bindings++;
-    return t;
+    return push_binding(&sess->mmap_bindings, &sess->n_mmap_bindings, t, offset, fn) ? t : NULL;
 }
 
 tnn_tensor * tnn_input_1d_persistent_mmap(tnn_session * sess, int64_t n, int type, int64_t offset) {
@@ -546,25 +558,10 @@ static tnn_tensor * new_weight(tnn_session * sess, const char * fn, int type, in
         return n_dims == 2 ? ggml_new_tensor_2d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1)
                            : ggml_new_tensor_3d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1, ne2);
     }
-    int64_t nbytes = (int64_t) ggml_row_size((enum ggml_type) type, ne0) * ne1 * ne2;
-    if (offset < 0 || offset > sess->mmap_size || nbytes > sess->mmap_size - offset) {
-        tnn_set_error("%s: byte range [%" PRId64 ", %" PRId64 ") lies outside the %" PRId64 "-byte mapping", fn,
-                      offset, offset + nbytes, sess->mmap_size);
-        return NULL;
-    }
-    struct tnn_mmap_binding * nb = (struct tnn_mmap_binding *) realloc(
-        sess->repack_bindings, (size_t) (sess->n_repack_bindings + 1) * sizeof(*nb));
-    if (!nb) {
-        tnn_set_error("%s: out of memory", fn);
-        return NULL;
-    }
-    sess->repack_bindings = nb;
+    if (!check_map_range(sess, fn, type, ne0, ne1, ne2, offset)) return NULL;
     struct ggml_tensor * t = n_dims == 2 ? ggml_new_tensor_2d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1)
                                          : ggml_new_tensor_3d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1, ne2);
-    nb[sess->n_repack_bindings].t = t;
-    nb[sess->n_repack_bindings].offset = offset;
-    sess->n_repack_bindings++;
-    return t;
+    return push_binding(&sess->repack_bindings, &sess->n_repack_bindings, t, offset, fn) ? t : NULL;
 }
 
 tnn_tensor * tnn_input_2d_weight_mmap(tnn_session * sess, int64_t rows, int64_t cols, int type, int64_t offset) {

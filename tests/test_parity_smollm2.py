@@ -56,6 +56,7 @@ def _oracle_seq(path, kv_type, flash):
 
 @pytest.mark.parametrize("kv_type,flash,loader", [
     ("f32", False, "mmap"),
+    ("f32", True, "mmap"),
     ("q8_0", True, "mmap"),
     ("f32", False, "copy"),
 ])

@@ -111,30 +111,17 @@ def _make_wrapper(name: str, ctype: str, is_ptr: bool):
             if r == null:
                 raise TinyNNError(last_error())
             return ffi.string(r).decode("utf-8", "replace")
-    elif is_ptr:
-        def call(*args):
-            try:
-                r = fn(*args)
-            except TypeError:
-                r = fn(*_coerce(args))
-            except OverflowError as e:
-                raise TinyNNError(f"{name}: integer argument out of range ({e})") from e
-            if r == null:
-                raise TinyNNError(last_error())
-            return r
     elif ctype == "void":
         return raw
     else:
         floor = -1 if name in _ABSENT_IS_MINUS_ONE else 0
 
         def call(*args):
-            try:
+            try:  # the fast path: one C call, no argument conversion
                 r = fn(*args)
-            except TypeError:
-                r = fn(*_coerce(args))
-            except OverflowError as e:
-                raise TinyNNError(f"{name}: integer argument out of range ({e})") from e
-            if r < floor:
+            except (TypeError, OverflowError):
+                r = raw(*args)
+            if (r == null) if is_ptr else (r < floor):
                 raise TinyNNError(last_error())
             return r
     call.__name__ = name
