@@ -135,3 +135,26 @@ def test_cli_help_info_and_generate(capsys, llama_path):
     with toy_llm.load(llama_path, max_T=64) as m:
         assert captured.out.rstrip("\n") == "The river" + m.generate("The river", max_new_tokens=8)
     assert cli_main(["info", "/nonexistent.gguf"]) == 2
+
+
+def test_metadata_that_does_not_fit_a_tensor_is_named(tmp_path, llama_path):
+    """A GGUF whose dims promise more rows than a tensor holds fails naming the tensor, rather
+    than reading the neighbouring tensor's bytes."""
+    import gguf
+
+    r = gguf.GGUFReader(str(llama_path))
+    bad = tmp_path / "short.gguf"
+    w = gguf.GGUFWriter(str(bad), "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0],
+                        sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        if t.name == "blk.0.attn_k.weight":
+            data = data[: data.shape[0] // 2]        # half the K rows
+        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(tnn.TinyNNError, match=r"short\.gguf.*'blk\.0\.attn_k\.weight'"):
+        toy_llm.load(bad)

@@ -71,10 +71,17 @@ class MmapWeights:
         idx = self._index(s.name)
         typ = tnn.tnn_gguf_tensor_type(self.g, idx)
         off = tnn.tnn_gguf_tensor_file_offset(self.g, idx)
+        nbytes = tnn.tnn_gguf_tensor_nbytes(self.g, idx)
         try:
             if s.ne is not None:
+                want = tnn.tnn_row_size(typ, s.ne[0]) * s.ne[1] * s.ne[2]
+                if want != nbytes:
+                    raise tnn.TinyNNError(f"holds {nbytes} bytes, the config implies {want} (shape {s.ne})")
                 return tnn.tnn_input_3d_weight_mmap(self.sess, *s.ne, typ, off)
-            start, _ = s.byte_range(typ, tnn.tnn_gguf_tensor_nbytes(self.g, idx))
+            start, length = s.byte_range(typ, nbytes)
+            if start + length > nbytes:  # the metadata's dims do not fit this tensor
+                raise tnn.TinyNNError(f"holds {nbytes} bytes, but the config needs bytes "
+                                      f"[{start}, {start + length}) of it")
             off += start
             if s.rows == 1 and kind == "f32":
                 return tnn.tnn_input_1d_persistent_mmap(self.sess, s.cols, typ, off)
