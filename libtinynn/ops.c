@@ -32,6 +32,24 @@ static bool rows_contiguous(const struct ggml_tensor * t) {
     return t->nb[0] == ggml_type_size(t->type);
 }
 
+/* The common precondition of single-input F32 ops: the type, and the layout the kernel needs. */
+enum layout { ROWS_CONTIGUOUS, FULLY_CONTIGUOUS };
+
+static bool want_f32(const char * fn, const struct ggml_tensor * a, enum layout need) {
+    if (a->type != GGML_TYPE_F32) {
+        tnn_set_error("%s: 'a' must be f32, got %s", fn, ggml_type_name(a->type));
+        return false;
+    }
+    bool ok = need == FULLY_CONTIGUOUS ? ggml_is_contiguous(a) : rows_contiguous(a);
+    if (!ok) {
+        char sa[128];
+        tnn_shape_str(a, sa, sizeof sa);
+        tnn_set_error("%s: 'a' must %s (got %s)", fn,
+                      need == FULLY_CONTIGUOUS ? "be contiguous" : "have contiguous rows", sa);
+    }
+    return ok;
+}
+
 /* F32, or a type ggml can turn into floats (F16, BF16, the quantized types with
  * a to_float). Excludes I8..I64, F64 and the activation-only Q8_1/Q8_K, for
  * which the CPU kernels (mul_mat, cpy) have no implementation and crash. */
@@ -194,11 +212,7 @@ tnn_tensor * tnn_softmax_ext(tnn_session * sess, tnn_tensor * a, tnn_tensor * ma
     const char * fn = "tnn_softmax_ext";
     PROLOGUE(fn);
     CHECK_T(a, "a");
-    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
-    if (!ggml_is_contiguous(a)) {
-        fail_shape(fn, "a must be contiguous", a, NULL);
-        return NULL;
-    }
+    if (!want_f32(fn, a, FULLY_CONTIGUOUS)) return NULL;
     if (mask != NULL) {
         CHECK_T(mask, "mask");
         if ((mask->type != GGML_TYPE_F16 && mask->type != GGML_TYPE_F32) || !ggml_is_contiguous(mask) ||
@@ -219,11 +233,7 @@ tnn_tensor * tnn_softmax(tnn_session * sess, tnn_tensor * a) {
     const char * fn = "tnn_softmax";
     PROLOGUE(fn);
     CHECK_T(a, "a");
-    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
-    if (!ggml_is_contiguous(a)) {
-        fail_shape(fn, "a must be contiguous", a, NULL);
-        return NULL;
-    }
+    if (!want_f32(fn, a, FULLY_CONTIGUOUS)) return NULL;
     return ggml_soft_max(sess->ctx_c, a);
 }
 
@@ -231,11 +241,7 @@ tnn_tensor * tnn_rms_norm(tnn_session * sess, tnn_tensor * a, tnn_tensor * gamma
     const char * fn = "tnn_rms_norm";
     PROLOGUE(fn);
     CHECK_T(a, "a");
-    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
-    if (!rows_contiguous(a)) {
-        fail_shape(fn, "a must have contiguous rows", a, NULL);
-        return NULL;
-    }
+    if (!want_f32(fn, a, ROWS_CONTIGUOUS)) return NULL;
     if (!(eps >= 0.0f) || !isfinite(eps)) {
         tnn_set_error("%s: eps must be finite and >= 0, got %g", fn, (double) eps);
         return NULL;
@@ -567,13 +573,9 @@ tnn_tensor * tnn_flash_attn_ext(tnn_session * sess, tnn_tensor * q, tnn_tensor *
 static tnn_tensor * top_k(tnn_session * sess, tnn_tensor * a, int k, const char * fn, bool sorted) {
     PROLOGUE(fn);
     CHECK_T(a, "a");
-    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
+    if (!want_f32(fn, a, FULLY_CONTIGUOUS)) return NULL;
     if (k <= 0 || k > a->ne[0]) {
         tnn_set_error("%s: k must be in 1..a.ne0 (%" PRId64 "), got %d", fn, a->ne[0], k);
-        return NULL;
-    }
-    if (!ggml_is_contiguous(a)) {
-        fail_shape(fn, "a must be contiguous", a, NULL);
         return NULL;
     }
     return sorted ? ggml_argsort_top_k(sess->ctx_c, a, k) : ggml_top_k(sess->ctx_c, a, k);
@@ -605,10 +607,6 @@ tnn_tensor * tnn_sum_rows(tnn_session * sess, tnn_tensor * a) {
     const char * fn = "tnn_sum_rows";
     PROLOGUE(fn);
     CHECK_T(a, "a");
-    if (!want_type(fn, "a", a, GGML_TYPE_F32)) return NULL;
-    if (!rows_contiguous(a)) {
-        fail_shape(fn, "a must have contiguous rows", a, NULL);
-        return NULL;
-    }
+    if (!want_f32(fn, a, ROWS_CONTIGUOUS)) return NULL;
     return ggml_sum_rows(sess->ctx_c, a);
 }
