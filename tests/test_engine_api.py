@@ -14,6 +14,29 @@ from toy_llm.gguf_load import GGUFLoadError, load_config
 synthetic = pytest.importorskip("toy_llm.testing.synthetic")
 
 
+def rewrite_gguf(src, dst, edit):
+    """Copy GGUF ``src`` to ``dst`` with every key, passing each tensor's data through
+    ``edit(name, data)`` (None drops the tensor)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), str(r.fields["general.architecture"].contents()))
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0],
+                        sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        data = edit(t.name, np.asarray(t.data))
+        if data is not None:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
     return synthetic.write_model(tmp_path_factory.mktemp("api") / "llama.gguf", "llama")
@@ -92,18 +115,8 @@ def test_errors_name_the_file_and_the_tensor(tmp_path, llama_path):
         toy_llm.load(bad_arch)
 
     # drop one tensor from an otherwise valid file
-    r = gguf.GGUFReader(str(llama_path))
-    missing = tmp_path / "missing.gguf"
-    w = gguf.GGUFWriter(str(missing), "llama")
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0] if len(f.types) == 1 else f.types[0],
-                        sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        if t.name != "blk.1.ffn_up.weight":
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    missing = rewrite_gguf(llama_path, tmp_path / "missing.gguf",
+                           lambda name, data: None if name == "blk.1.ffn_up.weight" else data)
     with pytest.raises(MissingTensorError, match=r"missing\.gguf.*'blk\.1\.ffn_up\.weight'"):
         toy_llm.load(missing)
 
@@ -140,21 +153,7 @@ def test_cli_help_info_and_generate(capsys, llama_path):
 def test_metadata_that_does_not_fit_a_tensor_is_named(tmp_path, llama_path):
     """A GGUF whose dims promise more rows than a tensor holds fails naming the tensor, rather
     than reading the neighbouring tensor's bytes."""
-    import gguf
-
-    r = gguf.GGUFReader(str(llama_path))
-    bad = tmp_path / "short.gguf"
-    w = gguf.GGUFWriter(str(bad), "llama")
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0],
-                        sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        data = np.asarray(t.data)
-        if t.name == "blk.0.attn_k.weight":
-            data = data[: data.shape[0] // 2]        # half the K rows
-        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    bad = rewrite_gguf(llama_path, tmp_path / "short.gguf",   # half the K rows of layer 0
+                       lambda name, data: data[: data.shape[0] // 2] if name == "blk.0.attn_k.weight" else data)
     with pytest.raises(tnn.TinyNNError, match=r"short\.gguf.*'blk\.0\.attn_k\.weight'"):
         toy_llm.load(bad)
