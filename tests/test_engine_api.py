@@ -157,3 +157,22 @@ def test_metadata_that_does_not_fit_a_tensor_is_named(tmp_path, llama_path):
                        lambda name, data: data[: data.shape[0] // 2] if name == "blk.0.attn_k.weight" else data)
     with pytest.raises(tnn.TinyNNError, match=r"short\.gguf.*'blk\.0\.attn_k\.weight'"):
         toy_llm.load(bad)
+
+
+@pytest.mark.parametrize("kind,name", [(1, "cuda"), (2, "metal")])
+def test_backend_falls_back_to_cpu_when_not_compiled_in(kind, name, llama_path):
+    s = tnn.tnn_session_new(kind)
+    try:
+        if tnn.tnn_have_backend(kind):
+            assert tnn.tnn_session_backend_kind(s) in (0, kind)
+        else:
+            assert tnn.tnn_session_backend_kind(s) == 0
+            assert tnn.tnn_backend_name(s) == "CPU"
+    finally:
+        tnn.tnn_session_free(s)
+    with pytest.raises(tnn.TinyNNError, match="unknown backend kind"):
+        tnn.tnn_session_new(7)
+    with toy_llm.load(llama_path, max_T=16, backend=name) as m:   # runs, on the CPU if need be
+        assert np.isfinite(m.eval(m.tokenize("The"))).all()
+    with pytest.raises(ValueError, match="unknown backend"):
+        toy_llm.load(llama_path, backend="tpu")
