@@ -229,6 +229,9 @@ class SmolLM2KVFFICache:
         self.sess = tnn.tnn_session_new(kind)
         if self.n_threads:
             tnn.tnn_session_set_n_threads(self.sess, int(self.n_threads))
+        # llama.cpp keeps CPU matmul weights of some types (Q4_0, Q4_K, ... per CPU) in ggml's
+        # interleaved CPU_REPACK layout; using it too runs the same kernels, so the same rounding
+        tnn.tnn_session_set_weight_repack(self.sess, 1 if self.repack_weights else 0)
 
     def _set_dims(self, max_T, d_model, d_ff, n_heads, n_kv, d_head, n_layers, vocab, rope_base, rms_eps):
         if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv:
@@ -252,7 +255,6 @@ class SmolLM2KVFFICache:
                        rope_base, rms_eps)
         self.has_untied_output, self.has_qkv_bias = untied, qkv_bias
         self._new_session()
-        tnn.tnn_session_set_weight_repack(self.sess, 1 if self.repack_weights else 0)
         self._weights = CopyWeights(self.sess, self.weight_type, self.embed_type, self.copy_file_types)
         self._declare_weights()
         self._finalize()
@@ -269,9 +271,6 @@ class SmolLM2KVFFICache:
         if self.has_qk_norm and self.qk_norm_kind == 0:
             self.qk_norm_kind = 1
         self._new_session()
-        # llama.cpp keeps CPU matmul weights of some types (Q4_0, Q4_K, ... per CPU) in ggml's
-        # interleaved CPU_REPACK layout; using it too runs the same kernels, so the same rounding
-        tnn.tnn_session_set_weight_repack(self.sess, 1 if self.repack_weights else 0)
         self._weights = MmapWeights(self.sess, gguf_handle, cfg.path)
         self._declare_weights()
         self._finalize()
@@ -290,7 +289,7 @@ class SmolLM2KVFFICache:
             return g
         tnn.tnn_gguf_free(g)
         self.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,
-                         cfg.rope_base, cfg.rms_eps, untied, qkv_bias)
+                         cfg.rope_base, cfg.rms_eps, untied, qkv_bias, d_head=cfg.head_dim)
         self.load_weights(gguf_path)
         return None
 
