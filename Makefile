@@ -100,7 +100,14 @@ $(GGML_BUILD_DIR)/.built: $(SDIST_DIR)/.extracted
 ggml: $(GGML_BUILD_DIR)/.built
 
 # ---- libtinynn + cffi ------------------------------------------------------
-$(TNN_SO): $(TNN_SRCS) $(TNN_HDRS) $(GGML_BUILD_DIR)/.built
+# one stamp per backend flavour: switching `make` <-> `make CUDA=1` relinks the library
+FLAVOR_STAMP := $(BUILD)/.tnn-flavor-$(GGML_TAG)
+$(FLAVOR_STAMP):
+	mkdir -p $(BUILD)
+	rm -f $(BUILD)/.tnn-flavor-*
+	touch $@
+
+$(TNN_SO): $(TNN_SRCS) $(TNN_HDRS) $(GGML_BUILD_DIR)/.built $(FLAVOR_STAMP)
 	$(CC) $(TNN_CFLAGS) -shared $(TNN_SRCS) -o $@ $(LINK_GROUP) $(TNN_SYS_LIBS) -lstdc++ -lm -lpthread
 
 lib: $(TNN_SO)
