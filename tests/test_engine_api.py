@@ -176,3 +176,46 @@ def test_backend_falls_back_to_cpu_when_not_compiled_in(kind, name, llama_path):
         assert np.isfinite(m.eval(m.tokenize("The"))).all()
     with pytest.raises(ValueError, match="unknown backend"):
         toy_llm.load(llama_path, backend="tpu")
+
+
+def test_repacked_weights_only_feed_matmul(tmp_path, llama_path):
+    """Weights stored in ggml's CPU_REPACK layout run matmuls like any weight, and every other use
+    (views, lookups, copies, reading back) is refused with a message, not computed on the
+    interleaved bytes."""
+    q = synthetic.quantize(llama_path, tmp_path / "q4_0.gguf", "Q4_0")
+    g = tnn.tnn_gguf_load(str(q))
+    s = tnn.tnn_session_new(0)
+    try:
+        if tnn.tnn_session_set_weight_repack(s, 1) != 1:
+            pytest.skip("this CPU has no CPU_REPACK buffer type")
+        tnn.tnn_session_attach_weight_mmap(s, tnn.tnn_gguf_mmap_base(g), tnn.tnn_gguf_mmap_size(g))
+        idx = tnn.tnn_gguf_find_index(g, "blk.0.attn_q.weight")
+        typ, off = tnn.tnn_gguf_tensor_type(g, idx), tnn.tnn_gguf_tensor_file_offset(g, idx)
+        w = tnn.tnn_input_2d_weight_mmap(s, 512, 512, typ, off)
+        plain = tnn.tnn_input_2d_persistent_mmap(s, 512, 512, typ, off)
+        if tnn.tnn_tensor_is_repacked(s, w) != 1:
+            pytest.skip("ggml does not repack Q4_0 on this CPU")
+        with pytest.raises(tnn.TinyNNError, match="before declaring weights"):
+            tnn.tnn_session_set_weight_repack(s, 0)
+        tnn.tnn_finalize_weights(s)
+        tnn.tnn_reset_for_rebuild(s)
+        x = tnn.tnn_input_2d_f32(s, 1, 512)
+        for call in (lambda: tnn.tnn_view_2d(s, w, 32, 2, 18, 0),
+                     lambda: tnn.tnn_get_rows(s, w, tnn.tnn_input_1d_i32(s, 1)),
+                     lambda: tnn.tnn_cpy(s, w, plain)):
+            with pytest.raises(tnn.TinyNNError, match="repacked"):
+                call()
+        y = tnn.tnn_matmul(s, w, x)
+        y_plain = tnn.tnn_matmul(s, plain, x)
+        tnn.tnn_add_to_graph(s, y_plain)
+        tnn.tnn_set_output(y_plain)
+        tnn.tnn_realize(s, y)
+        tnn.upload(s, x, np.linspace(-1, 1, 512, dtype=np.float32))
+        tnn.tnn_compute(s)
+        # same weights, two kernels: equal up to float summation order
+        np.testing.assert_allclose(tnn.download(s, y), tnn.download(s, y_plain), rtol=1e-4, atol=1e-4)
+        with pytest.raises(tnn.TinyNNError, match="cannot be read back"):
+            tnn.download(s, w)
+    finally:
+        tnn.tnn_session_free(s)
+        tnn.tnn_gguf_free(g)
