@@ -66,6 +66,11 @@ def oracle_greedy(llm, prompt_tokens, n: int) -> list[int]:
     return out
 
 
+def oracle_greedy_text(llm, prompt_tokens, n: int) -> str:
+    """llama.cpp's greedy continuation as text, detokenized by llama.cpp itself."""
+    return llm.detokenize(oracle_greedy(llm, prompt_tokens, n)).decode("utf-8", "replace")
+
+
 def report(label: str, ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     """Print max |Δlogit| and argmax agreement; return (max_abs, agreement fraction)."""
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import toy_llm
-from oracle import KV_GGML_TYPE, oracle_greedy, oracle_logits, report
+from oracle import KV_GGML_TYPE, oracle_greedy_text, oracle_logits, report
 
 synthetic = pytest.importorskip("toy_llm.testing.synthetic")
 lc = pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
@@ -151,7 +151,7 @@ def test_greedy_32_tokens_identical(model_dir, family):
     llm = tokenwise_oracle(path, "f32", False)
     try:
         ids = llm.tokenize(prompt.encode(), add_bos=False)
-        ref_text = llm.detokenize(oracle_greedy(llm, ids, 32)).decode("utf-8", "replace")
+        ref_text = oracle_greedy_text(llm, ids, 32)
     finally:
         llm.close()
     with toy_llm.load(path, max_T=256) as m:
