@@ -34,8 +34,6 @@ ifeq ($(CUDA),1)
   GGML_TAG   := cuda$(CUDA_ARCH)
   GGML_CMAKE += -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
   TNN_CFLAGS += -DTNN_HAVE_CUDA
-  CUDA_HOME  ?= /usr/local/cuda
-  TNN_SYS_LIBS   := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib64/stubs -lcudart -lcublas -lcublasLt -lcuda
 endif
 ifeq ($(UNAME_S),Darwin)
   GGML_TAG   := metal
@@ -107,8 +105,19 @@ $(FLAVOR_STAMP):
 	rm -f $(BUILD)/.tnn-flavor-*
 	touch $@
 
-$(TNN_SO): $(TNN_SRCS) $(TNN_HDRS) $(GGML_BUILD_DIR)/.built $(FLAVOR_STAMP)
-	$(CC) $(TNN_CFLAGS) -shared $(TNN_SRCS) -o $@ $(LINK_GROUP) $(TNN_SYS_LIBS) -lstdc++ -lm -lpthread
+# the system libraries a backend needs (CUDA: the exact files CMake found for ggml-cuda)
+SYS_LIBS_TXT := $(BUILD)/sys-libs-$(GGML_TAG).txt
+$(SYS_LIBS_TXT): $(GGML_BUILD_DIR)/.built libtinynn/cuda-libs.sh
+ifeq ($(CUDA),1)
+	sh libtinynn/cuda-libs.sh $(GGML_BUILD_DIR)/CMakeCache.txt > $@
+else
+	echo "$(TNN_SYS_LIBS)" > $@
+endif
+
+# -z defs (ELF): a library missing from the link fails here, not at load time
+LINK_DEFS   := $(if $(filter Darwin,$(UNAME_S)),,-Wl,-z,defs)
+$(TNN_SO): $(TNN_SRCS) $(TNN_HDRS) $(GGML_BUILD_DIR)/.built $(FLAVOR_STAMP) $(SYS_LIBS_TXT)
+	$(CC) $(TNN_CFLAGS) -shared $(TNN_SRCS) -o $@ $(LINK_GROUP) $$(cat $(SYS_LIBS_TXT)) -lstdc++ -lm -lpthread $(LINK_DEFS)
 
 lib: $(TNN_SO)
 
