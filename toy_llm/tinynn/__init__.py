@@ -43,7 +43,21 @@ def _load(mode: str):
     ffi.cdef(read_cdef())
     if not LIB_PATH.exists():
         raise ImportError(f"{LIB_PATH} not found: run `make` in the repository root to build libtinynn")
-    return ffi, ffi.dlopen(str(LIB_PATH))
+    try:
+        return ffi, ffi.dlopen(str(LIB_PATH))
+    except OSError as e:
+        raise ImportError(_load_failure_hint(str(e))) from e
+
+
+def _load_failure_hint(msg: str) -> str:
+    """Say what to do when libtinynn.so exists but the dynamic loader refuses it."""
+    if "libcuda.so" in msg:
+        return (f"{LIB_PATH} was built with `make CUDA=1` but this machine has no NVIDIA driver "
+                f"(libcuda.so.1): rebuild for the CPU with `make`, or install the driver ({msg})")
+    if "libcudart" in msg or "libcublas" in msg:
+        return (f"{LIB_PATH} was built with `make CUDA=1` against a CUDA toolkit this machine lacks: "
+                f"rebuild here with `make` (CPU) or `make CUDA=1` ({msg})")
+    return f"cannot load {LIB_PATH}: {msg}; rebuild it with `make`"
 
 
 def _pick_mode() -> str:
