@@ -119,7 +119,8 @@ def cmd_bench(args) -> int:
             tok = int(m.eval([tok])[-1].argmax())
         td = time.perf_counter() - t
         print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s; decode {args.n} tokens: {args.n / td:.1f} tok/s "
-              f"(per-head graph, {m.cache.n_threads} threads, kv {args.kv_type})")
+              f"(per-head graph, backend {tnn.tnn_backend_name(m.cache.sess)}, {m.cache.n_threads} threads, "
+              f"kv {args.kv_type})")
     return 0
 
 
