@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from toy_llm import tinynn as T
+from toy_llm.engine.kv_cache import BACKEND_KINDS
 from toy_llm.tinynn import (
     GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I32, GGML_TYPE_Q2_K, GGML_TYPE_Q3_K,
     GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q4_K, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q5_K,
@@ -64,9 +65,19 @@ def _report_max_errors():
 # --------------------------------------------------------------------------- graph harness
 
 
+# TOY_LLM_TEST_BACKEND=cuda (or metal) runs every op on that backend (scripts/device_check.sh does):
+# the float64 references and tolerances are the same. Asking for a backend that this build or
+# machine lacks fails the test; it never silently measures the CPU instead.
+TEST_BACKEND = os.environ.get("TOY_LLM_TEST_BACKEND", "cpu")
+TEST_BACKEND_KIND = BACKEND_KINDS[TEST_BACKEND]
+
+
 @contextlib.contextmanager
 def session():
-    s = T.tnn_session_new(0)
+    s = T.tnn_session_new(TEST_BACKEND_KIND)
+    if T.tnn_session_backend_kind(s) != TEST_BACKEND_KIND:
+        T.tnn_session_free(s)
+        pytest.fail(f"TOY_LLM_TEST_BACKEND={TEST_BACKEND}: that backend is not available in this build/machine")
     try:
         T.tnn_session_set_n_threads(s, N_THREADS)
         yield s
