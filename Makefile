@@ -3,7 +3,8 @@
 #   make            .venv, ggml (static), libtinynn.so, the cffi extension, editable install
 #   make test       the above + test deps + llama-cpp-python oracle, then pytest
 #   make demo       the above + the default SmolLM2 model, greedy "The capital of France is"
-#   make CUDA=1     add ggml's CUDA backend (CUDA_ARCH=90 by default)
+#   make CUDA=1     add ggml's CUDA backend (CUDA_ARCH=90 by default; CUDA_CMAKE_ARGS=... passes
+#                   more to ggml's cmake)
 #   make bench      call-overhead and decode-speed figures
 #
 # ggml comes from the llama-cpp-python sdist (never committed); its sha256 is checked.
@@ -33,6 +34,8 @@ GGML_TAG    := cpu
 ifeq ($(CUDA),1)
   GGML_TAG   := cuda$(CUDA_ARCH)
   GGML_CMAKE += -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
+  # e.g. -DCUDA_cublas_LIBRARY=... where cuBLAS is not inside the toolkit (scripts/device_check.sh)
+  GGML_CMAKE += $(CUDA_CMAKE_ARGS)
   TNN_CFLAGS += -DTNN_HAVE_CUDA
 endif
 ifeq ($(UNAME_S),Darwin)

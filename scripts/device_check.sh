@@ -33,9 +33,18 @@ SDIST=build/llama_cpp_python-$(sed -n 's/^SDIST_VER *:= *//p' Makefile)
 mkdir -p build && tar -xJf .device/src.tar.xz -C build && touch "$SDIST/.extracted" || exit 2
 MAKE_OFFLINE="-o $SDIST.tar.gz -o .venv/.base -o .venv/.installed"
 
+CUDA_CMAKE_ARGS=""
+if [ "$CUDA" = 1 ]; then
+    step "CUDA toolkit: where cuBLAS and the driver library are"
+    command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+    CUDA_CMAKE_ARGS=$(scripts/cuda-cmake-args.sh) || exit 2
+    echo "extra cmake arguments: ${CUDA_CMAKE_ARGS:-none}"
+fi
+
 step "build: make CUDA=$CUDA"
-time make CUDA="$CUDA" JOBS="$(nproc)" $MAKE_OFFLINE lib || { tail -40 build/cmake-*.log; exit 1; }
-if ! make CUDA="$CUDA" $MAKE_OFFLINE ffi; then
+time make CUDA="$CUDA" CUDA_CMAKE_ARGS="$CUDA_CMAKE_ARGS" JOBS="$(nproc)" $MAKE_OFFLINE lib \
+    || { tail -40 build/cmake-*.log; exit 1; }
+if ! make CUDA="$CUDA" CUDA_CMAKE_ARGS="$CUDA_CMAKE_ARGS" $MAKE_OFFLINE ffi; then
     echo "cffi API-mode extension did not build here (Python headers?): ABI mode from now on"
     export TINYNN_FFI=abi
 fi
