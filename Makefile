@@ -4,7 +4,7 @@
 #   make test       the above + test deps + llama-cpp-python oracle, then pytest
 #   make demo       the above + the default SmolLM2 model, greedy "The capital of France is"
 #   make CUDA=1     add ggml's CUDA backend (CUDA_ARCH=90 by default; CUDA_CMAKE_ARGS=... passes
-#                   more to ggml's cmake)
+#                   more to ggml's cmake, by default what scripts/cuda-cmake-args.sh finds)
 #   make bench      call-overhead and decode-speed figures
 #
 # ggml comes from the llama-cpp-python sdist (never committed); its sha256 is checked.
@@ -34,7 +34,9 @@ GGML_TAG    := cpu
 ifeq ($(CUDA),1)
   GGML_TAG   := cuda$(CUDA_ARCH)
   GGML_CMAKE += -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
-  # e.g. -DCUDA_cublas_LIBRARY=... where cuBLAS is not inside the toolkit (scripts/device_check.sh)
+  # where cuBLAS or the driver library is not inside the toolkit (cuBLAS from the nvidia-cublas
+  # wheel, as on many GPU images), the probe names them; set CUDA_CMAKE_ARGS to override
+  CUDA_CMAKE_ARGS ?= $(shell scripts/cuda-cmake-args.sh 2>/dev/null)
   GGML_CMAKE += $(CUDA_CMAKE_ARGS)
   TNN_CFLAGS += -DTNN_HAVE_CUDA
 endif
