@@ -317,8 +317,8 @@ static bool check_view_type_ok(const struct ggml_tensor * a, int64_t ne0) {
 /* The view's last byte, offset + sum (ne[i]-1)*nb[i] + row bytes, must lie in a; and
  * ggml_view_* also asserts offset + the view's *contiguous* size <= nbytes(a).
  * All sums are overflow-checked: wrapped user sizes must not slip through. */
-static bool view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
-                      int64_t nb1, int64_t nb2, int64_t offset) {
+bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
+                   int64_t nb1, int64_t nb2, int64_t offset) {
     if (!check_view_type_ok(a, ne0)) {
         return fail_shape(fn, "a view of a quantized tensor must span whole blocks", a, NULL);
     }
@@ -345,7 +345,7 @@ tnn_tensor * tnn_view_1d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: ne0 must be positive and offset >= 0 (got %" PRId64 ", %" PRId64 ")", fn, ne0, offset);
         return NULL;
     }
-    if (!view_fits(fn, a, ne0, 1, 1, 0, 0, offset)) return NULL;
+    if (!tnn_view_fits(fn, a, ne0, 1, 1, 0, 0, offset)) return NULL;
     return ggml_view_1d(sess->ctx_c, a, ne0, (size_t) offset);
 }
 
@@ -357,7 +357,7 @@ tnn_tensor * tnn_view_2d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
         return NULL;
     }
-    if (!view_fits(fn, a, ne0, ne1, 1, nb1, 0, offset)) return NULL;
+    if (!tnn_view_fits(fn, a, ne0, ne1, 1, nb1, 0, offset)) return NULL;
     return ggml_view_2d(sess->ctx_c, a, ne0, ne1, (size_t) nb1, (size_t) offset);
 }
 
@@ -370,7 +370,7 @@ tnn_tensor * tnn_view_3d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: sizes and strides must be positive and offset >= 0", fn);
         return NULL;
     }
-    if (!view_fits(fn, a, ne0, ne1, ne2, nb1, nb2, offset)) return NULL;
+    if (!tnn_view_fits(fn, a, ne0, ne1, ne2, nb1, nb2, offset)) return NULL;
     return ggml_view_3d(sess->ctx_c, a, ne0, ne1, ne2, (size_t) nb1, (size_t) nb2, (size_t) offset);
 }
 

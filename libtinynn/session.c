@@ -312,6 +312,27 @@ tnn_tensor * tnn_input_3d_persistent_typed(tnn_session * sess, int64_t ne0, int6
     return new_persistent(sess, "tnn_input_3d_persistent_typed", type, 3, ne0, ne1, ne2);
 }
 
+tnn_tensor * tnn_view_2d_persistent(tnn_session * sess, tnn_tensor * parent, int64_t ne0, int64_t ne1, int64_t nb1,
+                                    int64_t offset) {
+    const char * fn = "tnn_view_2d_persistent";
+    if (!check_can_declare(sess, fn)) return NULL;
+    if (parent == NULL || !ptr_in_ctx(sess->ctx_w, parent, true)) {
+        tnn_set_error("%s: parent must be a persistent tensor of this session (tnn_input_*_persistent*)", fn);
+        return NULL;
+    }
+    if (ne0 <= 0 || ne1 <= 0 || nb1 <= 0 || offset < 0) {
+        tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
+        return NULL;
+    }
+    if (offset % (int64_t) ggml_type_size(parent->type) != 0 || nb1 % (int64_t) ggml_type_size(parent->type) != 0) {
+        tnn_set_error("%s: offset %" PRId64 " and nb1 %" PRId64 " must be multiples of the %s block size (%zu bytes)",
+                      fn, offset, nb1, ggml_type_name(parent->type), ggml_type_size(parent->type));
+        return NULL;
+    }
+    if (!tnn_view_fits(fn, parent, ne0, ne1, 1, nb1, 0, offset)) return NULL;
+    return ggml_view_2d(sess->ctx_w, parent, ne0, ne1, (size_t) nb1, (size_t) offset);
+}
+
 tnn_tensor * tnn_rope_freq_factors_alloc(tnn_session * sess, int64_t d_head) {
     if (d_head <= 0 || d_head % 2 != 0) {
         tnn_set_error("tnn_rope_freq_factors_alloc: d_head must be positive and even, got %" PRId64, d_head);

@@ -64,6 +64,10 @@ tnn_tensor * tnn_input_1d_f32_persistent(tnn_session * sess, int64_t n);
 tnn_tensor * tnn_input_2d_f32_persistent(tnn_session * sess, int64_t rows, int64_t cols);
 tnn_tensor * tnn_input_2d_persistent_typed(tnn_session * sess, int64_t rows, int64_t cols, int type);
 tnn_tensor * tnn_input_3d_persistent_typed(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type);
+/* a persistent window [ne0, ne1] (row stride nb1, byte offset) into a persistent tensor, allocated
+ * with it at finalize: e.g. one KV head's part of a layer's cache, shared by every graph builder */
+tnn_tensor * tnn_view_2d_persistent(tnn_session * sess, tnn_tensor * parent, int64_t ne0, int64_t ne1, int64_t nb1,
+                                    int64_t offset);
 tnn_tensor * tnn_rope_freq_factors_alloc(tnn_session * sess, int64_t d_head);   /* F32 [d_head/2] */
 int          tnn_finalize_weights(tnn_session * sess);
 int          tnn_is_finalized(tnn_session * sess);

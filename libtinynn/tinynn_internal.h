@@ -68,5 +68,8 @@ bool tnn_check_weight(const tnn_session * sess, const struct ggml_tensor * t, co
 bool tnn_check_type(int type, const char * fn);
 bool tnn_check_graph_ready(const tnn_session * sess, const char * fn);
 void tnn_shape_str(const struct ggml_tensor * t, char * buf, size_t n);
+/* does the view [ne0, ne1, ne2] (strides nb1, nb2, byte offset) lie inside a? (ops.c) */
+bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
+                   int64_t nb1, int64_t nb2, int64_t offset);
 
 #endif

@@ -278,6 +278,29 @@ expect(tnn_tensor_set_i32, s, w, T.ffi.new("int32_t[64]"), 64, want=["f32", "not
 expect(tnn_tensor_get_f32, s, w, T.ffi.NULL, 64, want=["NULL"])
 '''
 
+CASES["persistent_views"] = '''
+k = tnn_input_3d_persistent_typed(s, 64, 8, 2, GGML_TYPE_Q8_0)     # 2 heads x 8 positions of 64
+row = tnn_row_size(GGML_TYPE_Q8_0, 64)
+h1 = tnn_view_2d_persistent(s, k, 64, 8, row, 8 * row)                # head 1: fine
+other = tnn_session_new(0)
+expect(tnn_view_2d_persistent, s, tnn_input_2d_f32_persistent(other, 2, 32), 32, 2, 128, 0, want=["persistent"])
+expect(tnn_view_2d_persistent, s, None, 64, 8, row, 0, want=["persistent"])
+expect(tnn_view_2d_persistent, s, k, 64, 9, row, 8 * row, want=["past the end"])
+expect(tnn_view_2d_persistent, s, k, 64, 8, row, 3, want=["multiples", "block"])
+expect(tnn_view_2d_persistent, s, k, 48, 8, row, 0, want=["whole blocks"])
+expect(tnn_view_2d_persistent, s, k, 64, 8, -row, 0, want=["positive"])
+tnn_reset_for_rebuild(s)
+x = tnn_input_2d_f32(s, 2, 64)
+expect(tnn_view_2d_persistent, s, x, 64, 1, 256, 0, want=["persistent"])       # a compute tensor
+tnn_finalize_weights(s)
+expect(tnn_view_2d_persistent, s, k, 64, 8, row, 0, want=["before tnn_finalize_weights"])
+# the view is the parent's memory: bytes written through the parent read back through the view
+data = np.arange(2 * 8 * row, dtype=np.uint8).reshape(16, row)
+T.upload(s, k, data)
+assert (T.download(s, h1, raw=True).view(np.uint8).reshape(8, row) == data[8:]).all()
+tnn_session_free(other)
+'''
+
 CASES["compute_before_realize"] = '''
 expect(tnn_compute, s, want=["realize"])
 tnn_finalize_weights(s)
