@@ -220,3 +220,34 @@ def test_repacked_weights_only_feed_matmul(tmp_path, llama_path):
     finally:
         tnn.tnn_session_free(s)
         tnn.tnn_gguf_free(g)
+
+
+def test_graph_builders_share_weights_and_kv_cache(llama_path):
+    """One cache, two graph builders: positions written by the per-head graph are read by the
+    fused-heads graph and the other way round, giving exactly the logits of either alone."""
+    tokens = [65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76]
+    with toy_llm.load(llama_path, max_T=64) as m:
+        per_head = m.eval(tokens)
+    with toy_llm.load(llama_path, max_T=64, fused_heads=True) as m:
+        fused = m.eval(tokens)
+        m.reset()
+        mixed = []
+        for i, tok in enumerate(tokens):
+            m.cache.fused_heads = (i // 3) % 2 == 1        # alternate builders every three positions
+            mixed.append(m.eval([tok])[0])
+    np.testing.assert_array_equal(fused, per_head)
+    np.testing.assert_array_equal(np.stack(mixed), per_head)
+
+
+def test_fused_heads_says_what_it_cannot_do(tmp_path, llama_path):
+    cache = SmolLM2KVFFICache()
+    cache.enable_lora_q(4)
+    with pytest.raises(RuntimeError, match="LoRA-Q adapters are per head"):
+        cache.enable_fused_heads()
+    per_head = synthetic.write_per_head(llama_path, tmp_path / "per-head.gguf")
+    with pytest.raises(ValueError, match="stores them per head"):
+        toy_llm.load(per_head, max_T=16, fused_heads=True)
+    with toy_llm.load(llama_path, max_T=16) as m:     # realized without the whole projections
+        m.cache.fused_heads = True
+        with pytest.raises(RuntimeError, match="enable_fused_heads before realize"):
+            m.eval([65])

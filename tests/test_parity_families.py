@@ -71,9 +71,10 @@ def teacher_tokens(path) -> list[int]:
     return _TOKENS["ids"]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
 @pytest.mark.parametrize("kv_type,flash", KV_SETTINGS, ids=["kv_f32", "kv_q8_0_fa"])
 @pytest.mark.parametrize("family,wtype", MATRIX, ids=[f"{f}-{t}" for f, t in MATRIX])
-def test_family_weight_type_logits(model_dir, family, wtype, kv_type, flash):
+def test_family_weight_type_logits(model_dir, family, wtype, kv_type, flash, fused):
     path = model_file(model_dir, family, wtype)
     tokens = teacher_tokens(path)
     llm = tokenwise_oracle(path, kv_type, flash)
@@ -81,9 +82,9 @@ def test_family_weight_type_logits(model_dir, family, wtype, kv_type, flash):
         ref = oracle_logits(llm, tokens)
     finally:
         llm.close()
-    with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash) as m:
+    with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
         ours = m.eval(tokens)
-    max_abs, agree = report(f"{family} {wtype} kv={kv_type}", ours, ref)
+    max_abs, agree = report(f"{family} {wtype} kv={kv_type}{' fused-heads' if fused else ''}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
 
@@ -91,8 +92,9 @@ def test_family_weight_type_logits(model_dir, family, wtype, kv_type, flash):
 COPY_MATRIX = [("llama", t) for t in ALL_TYPES] + [(f, "Q4_K") for f in synthetic.FAMILIES if f != "llama"]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
 @pytest.mark.parametrize("family,wtype", COPY_MATRIX, ids=[f"{f}-{t}" for f, t in COPY_MATRIX])
-def test_copy_loader_matches_llama_cpp(model_dir, family, wtype):
+def test_copy_loader_matches_llama_cpp(model_dir, family, wtype, fused):
     """The seed's legacy path (realize_for + load_weights) with the file's own types."""
     path = model_file(model_dir, family, wtype)
     tokens = teacher_tokens(path)[:24]
@@ -101,9 +103,9 @@ def test_copy_loader_matches_llama_cpp(model_dir, family, wtype):
         ref = oracle_logits(llm, tokens)
     finally:
         llm.close()
-    with toy_llm.load(path, max_T=256, loader="copy") as m:
+    with toy_llm.load(path, max_T=256, loader="copy", fused_heads=fused) as m:
         ours = m.eval(tokens)
-    max_abs, agree = report(f"{family} {wtype} copy loader", ours, ref)
+    max_abs, agree = report(f"{family} {wtype} copy loader{' fused-heads' if fused else ''}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
 

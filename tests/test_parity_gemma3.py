@@ -31,18 +31,19 @@ def _oracle(path, kv_type, flash):
                     flash_attn=flash)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
-def test_gemma3_teacher_forced_logits(gemma3, kv_type, flash):
+def test_gemma3_teacher_forced_logits(gemma3, kv_type, flash, fused):
     llm = _oracle(gemma3, kv_type, flash)
     try:
         tokens = llm.tokenize(PARITY_TEXT.encode(), add_bos=True)[:48]
         ref = oracle_logits(llm, tokens)
     finally:
         llm.close()
-    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash) as m:
+    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
         assert m.tokenize(PARITY_TEXT)[:48] == tokens
         ours = m.eval(tokens)
-    max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type}", ours, ref)
+    max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type}{' fused-heads' if fused else ''}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
 

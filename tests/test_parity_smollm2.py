@@ -54,29 +54,33 @@ def _oracle_seq(path, kv_type, flash):
                     flash_attn=flash)
 
 
-@pytest.mark.parametrize("kv_type,flash,loader", [
-    ("f32", False, "mmap"),
-    ("f32", True, "mmap"),
-    ("q8_0", True, "mmap"),
-    ("f32", False, "copy"),
+@pytest.mark.parametrize("kv_type,flash,loader,fused", [
+    ("f32", False, "mmap", False),
+    ("f32", True, "mmap", False),
+    ("q8_0", True, "mmap", False),
+    ("f32", False, "copy", False),
+    ("f32", False, "mmap", True),     # the fused-heads graph
+    ("q8_0", True, "mmap", True),
 ])
-def test_teacher_forced_logits_match_llama_cpp(smollm2, tokens, kv_type, flash, loader):
+def test_teacher_forced_logits_match_llama_cpp(smollm2, tokens, kv_type, flash, loader, fused):
     llm = _oracle_seq(smollm2, kv_type, flash)
     try:
         ref = oracle_logits(llm, tokens)
     finally:
         llm.close()
-    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, loader=loader) as m:
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, loader=loader, fused_heads=fused) as m:
         ours = m.eval(tokens)
         assert m.n_past == len(tokens)
     assert ours.shape == ref.shape == (N_TEACHER, m.config.vocab)
-    max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} flash={flash} loader={loader}", ours, ref)
+    graph = "fused-heads" if fused else "per-head"
+    max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} flash={flash} loader={loader} {graph}", ours, ref)
     assert agree == 1.0, "argmax differs from llama.cpp at some position"
     assert max_abs <= BOUND
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
-def test_greedy_64_tokens_identical_text(smollm2, kv_type, flash):
+def test_greedy_64_tokens_identical_text(smollm2, kv_type, flash, fused):
     prompt = "The capital of France is"
     llm = _oracle_seq(smollm2, kv_type, flash)
     try:
@@ -84,10 +88,10 @@ def test_greedy_64_tokens_identical_text(smollm2, kv_type, flash):
         ref_text = oracle_greedy_text(llm, prompt_ids, 64)
     finally:
         llm.close()
-    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash) as m:
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
         assert m.tokenize(prompt) == prompt_ids
         text = m.generate(prompt, max_new_tokens=64)
-    print(f"\n[greedy] kv={kv_type}: llama.cpp {ref_text!r}\n[greedy] kv={kv_type}: toy_llm   {text!r}")
+    print(f"\n[greedy] kv={kv_type}: llama.cpp {ref_text!r}\n[greedy] kv={kv_type} fused={fused}: toy_llm {text!r}")
     assert text == ref_text
     assert text.startswith(" Paris.")
 

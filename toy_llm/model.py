@@ -173,13 +173,14 @@ def _stop_safe_len(text: str, stop: list[str]) -> int:
 
 def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: int | None = None,
          backend: str = "cpu", kv_type: str = "f32", flash_attn: bool = False, loader: str = "mmap",
-         weight_type: int | None = None, progress: bool = False) -> Model:
+         weight_type: int | None = None, progress: bool = False, fused_heads: bool = False) -> Model:
     """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
 
     ``loader="mmap"`` points weights into the mapped file (no copy); ``loader="copy"`` takes the
     seed's legacy path (``realize_for`` + ``load_weights``) with 2-D weights at ``weight_type``
     (default: the file's own type; 0 = F32, 8 = Q8_0). ``kv_type="q8_0"`` also turns flash
-    attention on, as in the seed.
+    attention on, as in the seed. ``fused_heads=True`` builds the faster fused-heads graph
+    (same logits) instead of the seed's per-head graph.
     """
     if path is None:
         from .fetch import default_model_path
@@ -198,6 +199,8 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
         cache.enable_kv_q8()
     if flash_attn:
         cache.enable_flash_attn()
+    if fused_heads:
+        cache.enable_fused_heads()
     max_T = min(int(max_T), cfg.context_length) if cfg.context_length else int(max_T)
     if loader == "mmap":
         g = tnn.tnn_gguf_load(str(path))

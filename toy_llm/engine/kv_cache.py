@@ -1,11 +1,13 @@
 """SmolLM2KVFFICache: the seed's engine class, ported from Ruby to Python.
 
 One instance owns a libtinynn session, the persistent weights (mapped from the
-GGUF or copied into the session), and a per-KV-head K/V cache. It builds the
-seed's *per-head* decode graph one position at a time: every query head is its
-own matmul -> rope -> attention chain, so every intermediate is a visible,
-nameable tensor (``enable_trace``). Faster graph builders are to live beside
-this one and share its weights and cache; this one stays the reference.
+GGUF or copied into the session), and the K/V cache (one [d_head, max_T, n_kv]
+tensor per layer, with a view per KV head). It builds the seed's *per-head*
+decode graph one position at a time: every query head is its own matmul ->
+rope -> attention chain, so every intermediate is a visible, nameable tensor
+(``enable_trace``). Beside it, ``enable_fused_heads`` builds each layer with all
+heads in one tensor, as llama.cpp does: the same logits from ~1/4 of the nodes,
+on the same weights and the same cache (the builders can take turns).
 
 Where the seed approximates, llama.cpp decides (see the comments marked
 "llama.cpp:"), because parity with llama.cpp is how we know the numbers are
@@ -48,8 +50,10 @@ class SmolLM2KVBlockFFI:
     t_w_v: list = field(default_factory=list)
     t_b_k: list = field(default_factory=list)
     t_b_v: list = field(default_factory=list)
-    t_K: list = field(default_factory=list)
+    t_K: list = field(default_factory=list)     # per KV head: views of t_K_layer
     t_V: list = field(default_factory=list)
+    t_K_layer: object = None                      # the layer's cache [d_head, max_T, n_kv]
+    t_V_layer: object = None
     t_w_o: object = None
     t_w_gate: object = None
     t_w_up: object = None
@@ -64,6 +68,13 @@ class SmolLM2KVBlockFFI:
     t_w_lora_a_q_v: list = field(default_factory=list)
     t_w_lora_b_q_m: list = field(default_factory=list)
     t_w_lora_b_q_v: list = field(default_factory=list)
+    # whole attention projections, for the fused-heads builder (enable_fused_heads)
+    t_w_q_all: object = None
+    t_w_k_all: object = None
+    t_w_v_all: object = None
+    t_b_q_all: object = None
+    t_b_k_all: object = None
+    t_b_v_all: object = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,7 @@ class SmolLM2KVFFICache:
         self.lora_q_rank = 0
         self.lora_q_adamw_enabled = False
         self.per_head_attn = False
+        self.fused_heads = False
         self.backend = backend
         self.repack_weights = True   # CPU: matmul weights in llama.cpp's repacked layout (see realize_for_mmap)
         self.n_threads = n_threads
@@ -152,6 +164,15 @@ class SmolLM2KVFFICache:
         """Fused softmax(QKᵀ·scale)·V per head via ggml_flash_attn_ext (inference only)."""
         self.use_flash_attn = True
 
+    def enable_fused_heads(self) -> None:
+        """Build each layer's attention with all heads in one tensor (one Q/K/V matmul, one rope,
+        one attention per KV head for its whole query group) instead of the seed's chain per query
+        head: the same numbers in ~1/4 of the graph nodes. Shares the weights' file bytes and the
+        KV cache with the per-head builder; call before realize."""
+        if self.lora_q_enabled:
+            raise RuntimeError("enable_fused_heads: LoRA-Q adapters are per head; use the per-head graph")
+        self.fused_heads = True
+
     def enable_moe(self, n_experts: int, n_experts_used: int) -> None:
         self.is_moe = True
         self.n_experts = n_experts
@@ -161,6 +182,8 @@ class SmolLM2KVFFICache:
         """Per-Q-head LoRA (A: r x d_model, B: d_head x r), trainable F32 in the session buffer."""
         if r <= 0:
             raise ValueError(f"enable_lora_q: rank must be positive, got {r}")
+        if self.fused_heads:
+            raise RuntimeError("enable_lora_q: LoRA-Q adapters are per head; not with enable_fused_heads")
         self.lora_q_enabled = True
         self.lora_q_rank = r
 
@@ -335,9 +358,13 @@ class SmolLM2KVFFICache:
                 return lin(f"blk.{li}.attn_{which}.head_{h}.weight", Dh, D)
             return lin(f"blk.{li}.attn_{which}.weight", Dh, D, row0=h * Dh)
 
-        kv_cache = lambda typ: (tnn.tnn_input_2d_f32_persistent(self.sess, self.max_T, Dh)  # noqa: E731
-                                if typ == GGML_TYPE_F32 else
-                                tnn.tnn_input_2d_persistent_typed(self.sess, self.max_T, Dh, typ))
+        def kv_cache(typ):
+            """One layer's cache [d_head, max_T, n_kv] and each KV head's [d_head, max_T] view of it:
+            the per-head graph uses the views, the fused-heads graph the whole."""
+            layer = tnn.tnn_input_3d_persistent_typed(self.sess, Dh, self.max_T, self.n_kv, typ)
+            row = tnn.tnn_row_size(typ, Dh)
+            return layer, [tnn.tnn_view_2d_persistent(self.sess, layer, Dh, self.max_T, row, h * self.max_T * row)
+                           for h in range(self.n_kv)]
 
         self.kv_blocks_ffi = [SmolLM2KVBlockFFI() for _ in range(self.n_layers)]
         for li, blk in enumerate(self.kv_blocks_ffi):
@@ -354,8 +381,8 @@ class SmolLM2KVFFICache:
             blk.t_w_q = [head(li, "q", h) for h in range(self.n_heads)]
             blk.t_w_k = [head(li, "k", h) for h in range(self.n_kv)]
             blk.t_w_v = [head(li, "v", h) for h in range(self.n_kv)]
-            blk.t_K = [kv_cache(self.kv_type_k) for _ in range(self.n_kv)]
-            blk.t_V = [kv_cache(self.kv_type_v) for _ in range(self.n_kv)]
+            blk.t_K_layer, blk.t_K = kv_cache(self.kv_type_k)
+            blk.t_V_layer, blk.t_V = kv_cache(self.kv_type_v)
             if self.has_qkv_bias:  # each head's d_head piece of the fused bias
                 bias = lambda which, h: w.tensor(Slice(f"{p}.attn_{which}.bias", 1, Dh, elem0=h * Dh), "f32")  # noqa: E731
                 blk.t_b_q = [bias("q", h) for h in range(self.n_heads)]
@@ -373,6 +400,16 @@ class SmolLM2KVFFICache:
                     blk.t_w_lora_b_q_v = [f32(Dh, r) for _ in range(self.n_heads)]
                 for t in blk.t_w_lora_a_q + blk.t_w_lora_b_q:
                     tnn.tnn_set_param(t)
+            if self.fused_heads:
+                if self.per_head_attn:
+                    raise ValueError("fused heads need attn_q/k/v as whole matrices; this file stores them per head")
+                blk.t_w_q_all = lin(f"{p}.attn_q.weight", self.n_heads * Dh, D)
+                blk.t_w_k_all = lin(f"{p}.attn_k.weight", self.n_kv * Dh, D)
+                blk.t_w_v_all = lin(f"{p}.attn_v.weight", self.n_kv * Dh, D)
+                if self.has_qkv_bias:
+                    blk.t_b_q_all = vec(f"{p}.attn_q.bias", self.n_heads * Dh)
+                    blk.t_b_k_all = vec(f"{p}.attn_k.bias", self.n_kv * Dh)
+                    blk.t_b_v_all = vec(f"{p}.attn_v.bias", self.n_kv * Dh)
             blk.t_w_o = lin(f"{p}.attn_output.weight", D, self.n_heads * Dh)
             if self.is_moe:
                 E = self.n_experts
@@ -397,12 +434,12 @@ class SmolLM2KVFFICache:
         if _is_quantized(self.kv_type_v) and self.d_head % 64 == 0:
             self.t_v_hadamard = tnn.tnn_input_2d_f32_persistent(self.sess, 64, 64)
 
-    def _hadamard(self, t, rot):
-        """rot @ t over consecutive blocks of rot's size (t: [d_head, 1])."""
+    def _hadamard(self, t, rot, n_heads: int = 1):
+        """rot @ t over consecutive blocks of rot's size (t: n_heads contiguous [d_head] vectors)."""
         n = tnn.tnn_tensor_ne(rot, 0)
-        t = tnn.tnn_reshape_2d(self.sess, t, n, self.d_head // n)
+        t = tnn.tnn_reshape_2d(self.sess, t, n, self.d_head * n_heads // n)
         t = tnn.tnn_mul_mat_hadamard(self.sess, rot, t)
-        return tnn.tnn_reshape_2d(self.sess, t, self.d_head, 1)
+        return tnn.tnn_reshape_2d(self.sess, t, self.d_head, n_heads)
 
     def _finalize(self) -> None:
         tnn.tnn_finalize_weights(self.sess)
@@ -505,7 +542,19 @@ class SmolLM2KVFFICache:
         tag = f"L{layer_idx}."
         t_h = tnn.tnn_rms_norm(sess, t_x, blk.t_rn1_gamma, eps)
         t_h = self.trace_tap(tag + "rn1", t_h)
+        if self.fused_heads:
+            t_concat = self._attention_fused(t_h, blk, t_pos, pos, scale, bytes_d_head_k, bytes_d_head_v, tag,
+                                             layer_idx)
+        else:
+            t_concat = self._attention_per_head(t_h, blk, t_pos, pos, scale, bytes_d_head, bytes_d_head_k,
+                                                bytes_d_head_v, bytes_max_T, tag, layer_idx)
+        t_concat = self.trace_tap(tag + "concat", t_concat)
+        return self._block_tail(t_x, blk, t_concat, eps, tag)
 
+    def _attention_per_head(self, t_h, blk, t_pos, pos, scale, bytes_d_head, bytes_d_head_k, bytes_d_head_v,
+                            bytes_max_T, tag, layer_idx):
+        """The seed's attention: every query head its own chain; returns the heads joined [H*d_head, 1]."""
+        sess = self.sess
         # K and V of each KV head: project, (bias), (norm), rope K, write into the cache at `pos`.
         k_pre = [self._project(blk.t_w_k[h], blk.t_b_k[h] if self.has_qkv_bias else None, t_h)
                  for h in range(self.n_kv)]
@@ -523,12 +572,7 @@ class SmolLM2KVFFICache:
                 t_v = self.trace_tap(tag + "v_new", t_v)
             if self.t_v_hadamard is not None:
                 t_v = self._hadamard(t_v, self.t_v_hadamard)
-            # cpy quantizes on the way in when the cache is Q8_0
-            k_slot = tnn.tnn_view_2d(sess, blk.t_K[hkv], self.d_head, 1, bytes_d_head_k, pos * bytes_d_head_k)
-            v_slot = tnn.tnn_view_2d(sess, blk.t_V[hkv], self.d_head, 1, bytes_d_head_v, pos * bytes_d_head_v)
-            # added to the graph now, so they run before the attention reads the cache
-            tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_k_rot, k_slot))
-            tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_v, v_slot))
+            self._write_kv(blk, hkv, t_k_rot, t_v, pos, bytes_d_head_k, bytes_d_head_v)
 
         # A whole-vector QK-norm (OLMoE) needs every head's query before any head can go on.
         q_normed = None
@@ -542,8 +586,61 @@ class SmolLM2KVFFICache:
         t_concat = heads[0]
         for t in heads[1:]:
             t_concat = tnn.tnn_concat(sess, t_concat, t, 0)
-        t_concat = self.trace_tap(tag + "concat", t_concat)
+        return t_concat
 
+    def _attention_fused(self, t_h, blk, t_pos, pos, scale, bytes_d_head_k, bytes_d_head_v, tag, layer_idx):
+        """All heads at once, as llama.cpp's graph: one projection, norm and rope for all Q (and all K),
+        then one attention per KV head for its whole group of query heads (ggml broadcasts the KV
+        head over the group). Every head sees the same ops on the same numbers as in the per-head
+        graph, so the logits are the same; returns the heads joined [H*d_head, 1]."""
+        sess, Dh, H, G = self.sess, self.d_head, self.n_heads, self.n_kv
+        if blk.t_w_q_all is None:
+            raise RuntimeError("fused-heads graph: this cache was realized without the whole Q/K/V "
+                               "projections; call enable_fused_heads before realize")
+        t_q = self._project(blk.t_w_q_all, blk.t_b_q_all, t_h)          # [H*Dh, 1]
+        t_k = self._project(blk.t_w_k_all, blk.t_b_k_all, t_h)          # [G*Dh, 1]
+        t_v = self._project(blk.t_w_v_all, blk.t_b_v_all, t_h)
+        t_k = self.trace_tap(tag + "k_all_pre", t_k)
+        if self.has_qk_norm:
+            if self.qk_norm_kind == 2:     # OLMoE: the whole projected vector
+                t_q = tnn.tnn_rms_norm(sess, t_q, blk.t_q_norm_gamma, self.rms_eps)
+                t_k = tnn.tnn_rms_norm(sess, t_k, blk.t_k_norm_gamma, self.rms_eps)
+            else:                          # each head's row
+                t_q = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_q, Dh, H), blk.t_q_norm_gamma, self.rms_eps)
+                t_k = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_k, Dh, G), blk.t_k_norm_gamma, self.rms_eps)
+        t_q = self._rope(tnn.tnn_reshape_3d(sess, t_q, Dh, H, 1), t_pos, layer_idx)
+        t_k = self._rope(tnn.tnn_reshape_3d(sess, t_k, Dh, G, 1), t_pos, layer_idx)
+        t_q = self.trace_tap(tag + "q_all_rot", t_q)
+        if self.t_k_hadamard is not None:
+            t_k = self._hadamard(t_k, self.t_k_hadamard, G)
+        if self.t_v_hadamard is not None:
+            t_v = self._hadamard(t_v, self.t_v_hadamard, G)
+        # the new K (and V) of every KV head into the slots at `pos` of the n_kv head blocks: one
+        # strided copy for an F32 cache; a quantizing copy needs a contiguous target, so one per head
+        for t_new, layer, row, typ in ((t_k, blk.t_K_layer, bytes_d_head_k, self.kv_type_k),
+                                       (t_v, blk.t_V_layer, bytes_d_head_v, self.kv_type_v)):
+            heads = [(0, G)] if typ == GGML_TYPE_F32 else [(h, 1) for h in range(G)]
+            for first, n in heads:
+                src = tnn.tnn_view_3d(sess, t_new, Dh, 1, n, Dh * 4, Dh * 4, first * Dh * 4)
+                slot = tnn.tnn_view_3d(sess, layer, Dh, 1, n, row, self.max_T * row, (first * self.max_T + pos) * row)
+                tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, src, slot))
+        t_q, scale = self._finish_q(t_q, scale, H)
+        t_K_hist, t_V_hist, t_mask = self._kv_history(blk, None, pos, layer_idx, bytes_d_head_k, bytes_d_head_v)
+        t_out = self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, H, tag, False)
+        return tnn.tnn_reshape_2d(sess, t_out, H * Dh, 1)
+
+    def _write_kv(self, blk, hkv, t_k, t_v, pos, bytes_d_head_k, bytes_d_head_v):
+        """Store KV head ``hkv``'s new K and V ([d_head, 1] each) at ``pos``; cpy quantizes on the way
+        in when the cache is Q8_0. Added to the graph now, so they run before attention reads them."""
+        sess = self.sess
+        k_slot = tnn.tnn_view_2d(sess, blk.t_K[hkv], self.d_head, 1, bytes_d_head_k, pos * bytes_d_head_k)
+        v_slot = tnn.tnn_view_2d(sess, blk.t_V[hkv], self.d_head, 1, bytes_d_head_v, pos * bytes_d_head_v)
+        tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_k, k_slot))
+        tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_v, v_slot))
+
+    def _block_tail(self, t_x, blk, t_concat, eps, tag):
+        """Output projection, residual, FFN (dense or routed), residual: the same for every builder."""
+        sess = self.sess
         t_attn = tnn.tnn_matmul(sess, blk.t_w_o, t_concat)
         t_attn = self.trace_tap(tag + "attn_out", t_attn)
         if self.has_post_norms:
@@ -609,7 +706,6 @@ class SmolLM2KVFFICache:
         """One query head against the (already written) K/V of its KV head hq // group_size.
 
         ``t_q_normed``: this head's query after a whole-vector QK-norm, when the block computed it."""
-        sess = self.sess
         hkv = hq // self.group_size
         if t_q_normed is None:
             t_q = self._q_projection(t_h, blk, hq)
@@ -622,13 +718,24 @@ class SmolLM2KVFFICache:
         t_q = self._rope(t_q, t_pos, layer_idx)
         if tap_this_head:
             t_q = self.trace_tap(tag + "q_rot", t_q)
+        t_q, scale = self._finish_q(t_q, scale, 1)
+        t_K_hist, t_V_hist, t_mask = self._kv_history(blk, hkv, pos, layer_idx, bytes_d_head_k, bytes_d_head_v)
+        return self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, 1, tag, tap_this_head)
+
+    def _finish_q(self, t_q, scale, n_heads):
+        """Gemma's pre-scaled Q (llama.cpp scales Q itself, then attends with scale 1), and the
+        Hadamard rotation that matches a quantized K cache. Returns (q, the attention scale)."""
         if self.q_prescale:
-            # Gemma: llama.cpp scales Q itself and runs attention with scale 1
-            t_q = tnn.tnn_scale(sess, t_q, scale)
+            t_q = tnn.tnn_scale(self.sess, t_q, scale)
             scale = 1.0
         if self.t_k_hadamard is not None:
-            t_q = self._hadamard(t_q, self.t_k_hadamard)
+            t_q = self._hadamard(t_q, self.t_k_hadamard, n_heads)
+        return t_q, scale
 
+    def _kv_history(self, blk, hkv, pos, layer_idx, bytes_d_head_k, bytes_d_head_v):
+        """Views [d_head, length, heads] of the cached K and V that position ``pos`` attends over,
+        for KV head ``hkv`` (heads = 1) or every KV head (``hkv=None``), and the mask
+        to apply (None: the views hold exactly the attended positions)."""
         window = self._layer_window(layer_idx)
         if window > 0 and pos + 1 > window:
             hist_start, hist_count = pos + 1 - window, window
@@ -639,30 +746,35 @@ class SmolLM2KVFFICache:
             # llama.cpp attends over its padded KV length with a -inf mask; reducing over the same
             # length makes the sums (and so the rounding) identical to its
             hist_start, hist_count = 0, self._n_kv_padded(pos)
-        t_K_hist = tnn.tnn_view_2d(sess, blk.t_K[hkv], self.d_head, hist_count, bytes_d_head_k,
-                                   hist_start * bytes_d_head_k)
-        t_V_hist = tnn.tnn_view_2d(sess, blk.t_V[hkv], self.d_head, hist_count, bytes_d_head_v,
-                                   hist_start * bytes_d_head_v)
+        heads, first = (self.n_kv, 0) if hkv is None else (1, hkv)
 
+        def hist(layer, row):
+            return tnn.tnn_view_3d(self.sess, layer, self.d_head, hist_count, heads, row, self.max_T * row,
+                                   (first * self.max_T + hist_start) * row)
+        return hist(blk.t_K_layer, bytes_d_head_k), hist(blk.t_V_layer, bytes_d_head_v), t_mask
+
+    def _attend(self, t_q, t_K_hist, t_V_hist, t_mask, scale, n_q, tag, tap):
+        """softmax(K q * scale + mask) V for ``n_q`` query heads (t_q: n_q contiguous [d_head] vectors)
+        over K/V views [d_head, length, n_kv heads]; ggml gives query head h the KV head
+        h // (n_q / n_kv), as llama.cpp's GQA does. Returns [d_head, n_q]."""
+        sess = self.sess
+        t_q = tnn.tnn_reshape_3d(sess, t_q, self.d_head, 1, n_q)     # [d_head, 1 token, n_q heads]
         if self.use_flash_attn:
             # llama.cpp: flash attention reads an F32 cache as F16 (it casts K and V), so do we
             if self.kv_type_k == GGML_TYPE_F32:
                 t_K_hist = tnn.tnn_cast(sess, t_K_hist, GGML_TYPE_F16)
             if self.kv_type_v == GGML_TYPE_F32:
                 t_V_hist = tnn.tnn_cast(sess, t_V_hist, GGML_TYPE_F16)
-            q3 = tnn.tnn_reshape_3d(sess, t_q, self.d_head, 1, 1)
-            k3 = tnn.tnn_reshape_3d(sess, t_K_hist, self.d_head, hist_count, 1)
-            v3 = tnn.tnn_reshape_3d(sess, t_V_hist, self.d_head, hist_count, 1)
-            t_out = tnn.tnn_flash_attn_ext(sess, q3, k3, v3, None, scale, 0.0, self.attn_softcap)
-            t_head = tnn.tnn_reshape_2d(sess, t_out, self.d_head, 1)
+            t_out = tnn.tnn_flash_attn_ext(sess, t_q, t_K_hist, t_V_hist, None, scale, 0.0, self.attn_softcap)
+            t_head = tnn.tnn_reshape_2d(sess, t_out, self.d_head, n_q)
             if self.t_v_hadamard is not None:
-                t_head = self._hadamard(t_head, self.t_v_hadamard)
-            if tap_this_head:
+                t_head = self._hadamard(t_head, self.t_v_hadamard, n_q)
+            if tap:
                 t_head = self.trace_tap(tag + "head0_flash", t_head)
             return t_head
 
         t_scores = tnn.tnn_matmul(sess, t_K_hist, t_q)
-        if tap_this_head:
+        if tap:
             t_scores = self.trace_tap(tag + "scores", t_scores)
         if t_mask is not None:
             # llama.cpp order: soft-cap the raw scores, then softmax(scores * scale + mask)
@@ -670,13 +782,13 @@ class SmolLM2KVFFICache:
         else:
             t_scaled = self._softcap(tnn.tnn_scale(sess, t_scores, scale), self.attn_softcap)
             t_attn = tnn.tnn_softmax(sess, t_scaled)
-        if tap_this_head:
+        if tap:
             t_attn = self.trace_tap(tag + "softmax", t_attn)
         t_V_T = tnn.tnn_transpose(sess, t_V_hist)
         t_head = tnn.tnn_matmul(sess, t_V_T, t_attn)
-        if tap_this_head:
+        if tap:
             t_head = self.trace_tap(tag + "head0", t_head)
-        return t_head
+        return tnn.tnn_reshape_2d(sess, t_head, self.d_head, n_q)
 
     def build_moe_ffn(self, blk, t_h2, tag):
         """Routed FFN, as llama.cpp's build_moe_ffn: softmax router -> the top-k experts in
