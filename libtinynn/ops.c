@@ -485,6 +485,31 @@ tnn_tensor * tnn_concat(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, int 
     return ggml_concat(sess->ctx_c, a, b, dim);
 }
 
+tnn_tensor * tnn_set_rows(tnn_session * sess, tnn_tensor * dst, tnn_tensor * src, tnn_tensor * ids) {
+    const char * fn = "tnn_set_rows";
+    PROLOGUE(fn);
+    CHECK_T(dst, "dst");
+    CHECK_T(src, "src");
+    CHECK_T(ids, "ids");
+    if (!want_type(fn, "ids", ids, GGML_TYPE_I32)) return NULL;
+    if (src->type != GGML_TYPE_F32 && src->type != GGML_TYPE_F16) {
+        fail_shape(fn, "src must be F32 or F16", src, NULL);
+        return NULL;
+    }
+    if (!want_float_like(fn, "dst", dst)) return NULL;
+    if (dst->ne[0] != src->ne[0] || dst->ne[2] != src->ne[2] || dst->ne[3] != src->ne[3] ||
+        src->ne[1] != ids->ne[0] || ids->ne[1] < 1 || src->ne[2] % ids->ne[1] != 0 || ids->ne[2] < 1 ||
+        src->ne[3] % ids->ne[2] != 0 || ids->ne[3] != 1) {
+        fail_shape(fn, "need dst [n, rows, a, b], src [n, k, a, b], ids [k, a' | a, b' | b]", dst, src);
+        return NULL;
+    }
+    if (!rows_contiguous(dst) || !rows_contiguous(src)) {
+        fail_shape(fn, "dst and src need contiguous rows", dst, src);
+        return NULL;
+    }
+    return ggml_set_rows(sess->ctx_c, dst, src, ids);
+}
+
 tnn_tensor * tnn_cpy(tnn_session * sess, tnn_tensor * src, tnn_tensor * dst) {
     const char * fn = "tnn_cpy";
     PROLOGUE(fn);

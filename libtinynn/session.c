@@ -824,6 +824,7 @@ int tnn_compute(tnn_session * sess) {
         struct ggml_tensor * node = ggml_graph_node(sess->gf, i);
         if (node->op == GGML_OP_GET_ROWS && !check_index_input("row", node->src[1], node->src[0]->ne[1], 0)) return -1;
         if (node->op == GGML_OP_MUL_MAT_ID && !check_index_input("expert", node->src[2], node->src[0]->ne[2], 0)) return -1;
+        if (node->op == GGML_OP_SET_ROWS && !check_index_input("destination row", node->src[1], node->ne[1], 0)) return -1;
     }
     enum ggml_status st = ggml_backend_graph_compute(sess->backend, sess->gf);
     if (st != GGML_STATUS_SUCCESS) {

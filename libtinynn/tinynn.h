@@ -151,6 +151,9 @@ tnn_tensor * tnn_cont(tnn_session * sess, tnn_tensor * a);
 tnn_tensor * tnn_cast(tnn_session * sess, tnn_tensor * a, int type);         /* F32 <-> F16/BF16 */
 tnn_tensor * tnn_concat(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, int dim);
 tnn_tensor * tnn_cpy(tnn_session * sess, tnn_tensor * src, tnn_tensor * dst);  /* converts type (quantizes) */
+/* dst[:, ids[i], i2] = src[:, i, i2] for every i (ids: I32 [n_rows, 1 or a divisor of ne2]); converts
+ * type (quantizes) like tnn_cpy. Row indices are range-checked at tnn_compute. Returns a view of dst. */
+tnn_tensor * tnn_set_rows(tnn_session * sess, tnn_tensor * dst, tnn_tensor * src, tnn_tensor * ids);
 tnn_tensor * tnn_flash_attn_ext(tnn_session * sess, tnn_tensor * q, tnn_tensor * k, tnn_tensor * v,
                                 tnn_tensor * mask, float scale, float max_bias, float logit_softcap);
 tnn_tensor * tnn_mul_mat_hadamard(tnn_session * sess, tnn_tensor * rot, tnn_tensor * x); /* rot @ x, rot a Walsh-Hadamard matrix (fast path) */

@@ -358,6 +358,31 @@ tnn_realize(s, tnn_mul_mat_id(s, experts, tnn_input_4d(s, GGML_TYPE_F32, 32, 1, 
 expect(tnn_compute, s, want=["top_k", "8 values"])
 '''
 
+CASES["set_rows_shapes_and_rows_out_of_range"] = '''
+cache = tnn_input_3d_persistent_typed(s, 64, 8, 2, GGML_TYPE_Q8_0)   # [d, max_T, heads]
+tnn_finalize_weights(s)
+tnn_reset_for_rebuild(s)
+src = tnn_input_4d(s, GGML_TYPE_F32, 64, 1, 2, 1)
+ids = tnn_input_1d_i32(s, 1)
+expect(tnn_set_rows, s, cache, src, tnn_input_1d_f32(s, 1), want=["ids"])                        # F32 ids
+expect(tnn_set_rows, s, cache, tnn_input_4d(s, GGML_TYPE_F32, 32, 1, 2, 1), ids, want=["need"])  # row length
+expect(tnn_set_rows, s, cache, tnn_input_4d(s, GGML_TYPE_F32, 64, 1, 3, 1), ids, want=["need"])  # heads
+expect(tnn_set_rows, s, cache, tnn_input_4d(s, GGML_TYPE_F32, 64, 2, 2, 1), ids, want=["need"])  # 2 rows, 1 id
+expect(tnn_set_rows, s, cache, tnn_input_4d(s, GGML_TYPE_I32, 64, 1, 2, 1), ids, want=["F32 or F16"])
+expect(tnn_set_rows, s, tnn_permute(s, tnn_input_2d_f32(s, 64, 8), 1, 0, 2, 3), tnn_input_2d_f32(s, 1, 64), ids,
+       want=["contiguous rows"])   # a transposed view as the destination
+def write(row):
+    tnn_reset_for_rebuild(s)
+    src = tnn_input_4d(s, GGML_TYPE_F32, 64, 1, 2, 1)
+    ids = tnn_input_1d_i32(s, 1)
+    tnn_realize(s, tnn_set_rows(s, cache, src, ids))
+    upload(s, src, np.ones(128, np.float32)); upload(s, ids, np.array([row], np.int32))
+    return tnn_compute
+for row in (8, -1, 2**31 - 1):   # past max_T: ggml would write outside the cache
+    expect(write(row), s, want=["destination row", "out of range", "[0, 8)"])
+write(7)(s)                       # the last row: fine
+'''
+
 CASES["layout_ops_reject_non_contiguous"] = '''
 w8 = tnn_input_2d_persistent_typed(s, 2, 32, 24)       # I8
 f64 = tnn_input_2d_persistent_typed(s, 2, 32, 28)      # F64

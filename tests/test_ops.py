@@ -792,6 +792,41 @@ def test_kv_cache_q8_0_view_cpy(data, seed):
         check_close("kv-cache Q8_0 vs quantize(row)", out, ref, 0.0)
 
 
+@pytest.mark.parametrize("type_id", [GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0], ids=lambda t: TYPE_NAMES[t])
+@settings(max_examples=ex(10), **SETTINGS)
+@given(data=st.data(), seed=seeds)
+def test_set_rows_writes_like_cpy(type_id, data, seed):
+    """set_rows puts src row i of every head at row ids[i] of a [d, max_T, heads] cache (ids broadcast
+    over the heads, as a decode step writes one position of every KV head), converting exactly as a
+    cpy into a view of that row does; every other row stays untouched."""
+    d = 32 * data.draw(st.integers(1, 4), label="d_head blocks")
+    max_T = data.draw(st.integers(1, 12), label="cache rows")
+    heads = data.draw(st.integers(1, 3), label="heads")
+    ids = data.draw(st.lists(st.integers(0, max_T - 1), min_size=1, max_size=max_T, unique=True), label="rows")
+    X = rng_normal(seed, heads, len(ids), d, scale=data.draw(st.sampled_from([0.01, 1.0, 30.0])))
+    rb = T.tnn_row_size(type_id, d)
+    with session() as s:
+        g = Graph(s)
+        by_rows = T.tnn_input_3d_persistent_typed(s, d, max_T, heads, type_id)
+        by_cpy = T.tnn_input_3d_persistent_typed(s, d, max_T, heads, type_id)
+        g.finalize()
+        x = g.inp(X)
+        T.tnn_add_to_graph(s, T.tnn_set_rows(s, by_rows, x, g.inp(np.array(ids), GGML_TYPE_I32)))
+        for h in range(heads):
+            for i, r in enumerate(ids):
+                row = T.tnn_view_2d(s, x, d, 1, d * 4, (h * len(ids) + i) * d * 4)
+                T.tnn_add_to_graph(s, T.tnn_cpy(s, row, T.tnn_view_2d(s, by_cpy, d, 1, rb, (h * max_T + r) * rb)))
+        g.run(T.tnn_scale(s, x, 1.0))
+        got, want = download(s, by_rows, raw=True), download(s, by_cpy, raw=True)
+    got, want = got.view(np.uint8).reshape(heads, max_T, rb), want.view(np.uint8).reshape(heads, max_T, rb)
+    np.testing.assert_array_equal(got, want)
+    untouched = np.setdiff1d(np.arange(max_T), ids)
+    assert not got[:, untouched].any(), "rows that were not named changed"
+    if type_id == GGML_TYPE_F32:
+        np.testing.assert_array_equal(got[:, ids].view(np.float32).reshape(X.shape), X)
+    record(f"set_rows[{TYPE_NAMES[type_id]}] == cpy", 0.0)
+
+
 # =========================================================================== get_rows from quantized tables
 
 GET_ROWS_TYPES = [GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_1, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K]
