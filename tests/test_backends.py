@@ -78,12 +78,14 @@ def _report(label, ours, ref):
 
 
 @needs_accelerator
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
 @pytest.mark.parametrize("backend", BACKENDS or ["none"])
 @pytest.mark.parametrize("name", _case_names())
-def test_backend_logits_close_to_llama_cpp(cases, backend, name):
+def test_backend_logits_close_to_llama_cpp(cases, backend, name, fused):
     c = cases[name]
     ref = np.load(c["logits"])
-    with toy_llm.load(c["gguf"], max_T=256, backend=backend, kv_type=c["kv_type"], flash_attn=c["flash"]) as m:
+    with toy_llm.load(c["gguf"], max_T=256, backend=backend, kv_type=c["kv_type"], flash_attn=c["flash"],
+                      fused_heads=fused) as m:
         assert tnn.tnn_session_backend_kind(m.cache.sess) == BACKEND_KINDS[backend]
         ours = m.eval(c["tokens"])
         m.reset()
@@ -93,9 +95,10 @@ def test_backend_logits_close_to_llama_cpp(cases, backend, name):
             tok = int(np.argmax(logits))
             greedy.append(tok)
             logits = m.eval([tok])[-1]
-    max_abs, agree = _report(f"{backend} {name}", ours, ref)
+    label = f"{backend} {name}{' fused-heads' if fused else ''}"
+    max_abs, agree = _report(label, ours, ref)
     same = next((i for i, (a, b) in enumerate(zip(greedy, c["greedy"])) if a != b), len(c["greedy"]))
-    print(f"[backend] {backend} {name}: greedy {same}/{len(c['greedy'])} tokens as llama.cpp (CPU)")
+    print(f"[backend] {label}: greedy {same}/{len(c['greedy'])} tokens as llama.cpp (CPU)")
     bound, want = (FLOAT_BOUND, FLOAT_AGREE) if c["wtype"] in ("F32", "F16") else (QUANT_BOUND, QUANT_AGREE)
     assert agree >= want, f"argmax agreement {agree:.1%} < {want:.0%}"
     assert max_abs <= bound, f"max |Δlogit| {max_abs:.3g} > {bound}"

@@ -148,6 +148,8 @@ class SmolLM2KVFFICache:
         self._taps: list[tuple[str, object]] = []
         self._last_trace: dict[str, np.ndarray] = {}
         self._t_kq_masks: dict[int, object] = {}
+        self._t_kv_row = None      # replayed graphs: the cache row a step writes is an input
+        self._replay = None        # (padded KV length, step result) of the graph built for replay
         self.kv_pad = LLAMA_KV_PAD
         self.t_k_hadamard = None
         self.t_v_hadamard = None
@@ -615,10 +617,15 @@ class SmolLM2KVFFICache:
             t_k = self._hadamard(t_k, self.t_k_hadamard, G)
         if self.t_v_hadamard is not None:
             t_v = self._hadamard(t_v, self.t_v_hadamard, G)
-        # the new K (and V) of every KV head into the slots at `pos` of the n_kv head blocks: one
-        # strided copy for an F32 cache; a quantizing copy needs a contiguous target, so one per head
+        # the new K (and V) of every KV head into row `pos` of the n_kv head blocks. A replayed graph
+        # takes the row as an input (set_rows); otherwise one strided copy for an F32 cache, and one
+        # per head for a quantized one (a quantizing copy needs a contiguous target)
         for t_new, layer, row, typ in ((t_k, blk.t_K_layer, bytes_d_head_k, self.kv_type_k),
                                        (t_v, blk.t_V_layer, bytes_d_head_v, self.kv_type_v)):
+            if self._t_kv_row is not None:
+                src = tnn.tnn_reshape_3d(sess, t_new, Dh, 1, G)
+                tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, layer, src, self._t_kv_row))
+                continue
             heads = [(0, G)] if typ == GGML_TYPE_F32 else [(h, 1) for h in range(G)]
             for first, n in heads:
                 src = tnn.tnn_view_3d(sess, t_new, Dh, 1, n, Dh * 4, Dh * 4, first * Dh * 4)
@@ -765,7 +772,7 @@ class SmolLM2KVFFICache:
                 t_K_hist = tnn.tnn_cast(sess, t_K_hist, GGML_TYPE_F16)
             if self.kv_type_v == GGML_TYPE_F32:
                 t_V_hist = tnn.tnn_cast(sess, t_V_hist, GGML_TYPE_F16)
-            t_out = tnn.tnn_flash_attn_ext(sess, t_q, t_K_hist, t_V_hist, None, scale, 0.0, self.attn_softcap)
+            t_out = tnn.tnn_flash_attn_ext(sess, t_q, t_K_hist, t_V_hist, t_mask, scale, 0.0, self.attn_softcap)
             t_head = tnn.tnn_reshape_2d(sess, t_out, self.d_head, n_q)
             if self.t_v_hadamard is not None:
                 t_head = self._hadamard(t_head, self.t_v_hadamard, n_q)
@@ -837,7 +844,11 @@ class SmolLM2KVFFICache:
         """Build, run and read one decode step: logits (vocab,) of ``token_id`` at ``pos``; the cache advances."""
         if not 0 <= int(token_id) < self.vocab_size:
             raise ValueError(f"token id {token_id} outside the vocabulary (size {self.vocab_size})")
+        if self.fused_heads and self.kv_pad and not self._trace:
+            return self._step_replayed(int(token_id), pos)
         tnn.tnn_reset_for_rebuild(self.sess)
+        self._replay = None
+        self._t_kv_row = None
         self._taps = []
         self._t_kq_masks = {}
         if self.kv_pad and not self.use_flash_attn:
@@ -853,6 +864,34 @@ class SmolLM2KVFFICache:
         tnn.tnn_compute(self.sess)
         if self._trace:
             self._last_trace = {name: tnn.download(self.sess, t) for name, t in self._taps}
+        return tnn.download(self.sess, res.t_logits).reshape(-1)
+
+    def _step_replayed(self, token_id: int, pos: int) -> np.ndarray:
+        """A step of the fused-heads graph, built once per padded KV length (every 256 positions) and
+        replayed: the token, its position, the cache row it writes and the masks are inputs, so
+        nothing in the graph depends on `pos` itself. With the attention always over the padded
+        length behind a -inf mask, as llama.cpp's, the numbers are the rebuilt graph's."""
+        if not 0 <= pos < self.max_T:
+            raise ValueError(f"position {pos} outside the cache (max_T={self.max_T})")
+        n = self._n_kv_padded(pos)
+        if self._replay is None or self._replay[0] != n:
+            tnn.tnn_reset_for_rebuild(self.sess)
+            self._taps = []
+            mask_type = GGML_TYPE_F16 if self.use_flash_attn else GGML_TYPE_F32   # flash attention takes F16
+            self._t_kq_masks = {w: tnn.tnn_input_4d(self.sess, mask_type, n, 1, 1, 1)
+                                for w in {self._layer_window(li) for li in range(self.n_layers)}}
+            self._t_kv_row = tnn.tnn_input_1d_i32(self.sess, 1)
+            res = self.build_decode_step(pos)
+            tnn.tnn_realize(self.sess, res.t_logits)
+            self._replay = (n, res)
+        res = self._replay[1]
+        for window, t_mask in self._t_kq_masks.items():
+            mask = self._kq_mask(pos, window)
+            tnn.upload(self.sess, t_mask, mask.astype(np.float16) if self.use_flash_attn else mask)
+        tnn.upload(self.sess, res.t_token_id, np.array([token_id], np.int32))
+        tnn.upload(self.sess, res.t_pos, np.array([pos], np.int32))
+        tnn.upload(self.sess, self._t_kv_row, np.array([pos], np.int32))
+        tnn.tnn_compute(self.sess)
         return tnn.download(self.sess, res.t_logits).reshape(-1)
 
     def close(self) -> None:
