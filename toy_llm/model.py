@@ -32,6 +32,7 @@ class Model:
         self.cache = cache
         self.tokenizer = tokenizer
         self.n_past = 0
+        self.n_batch = 1             # positions per graph in eval (load(n_batch=...))
         self.last_stats: dict[str, float] = {}
 
     # ---------------------------------------------------------------- text
@@ -71,6 +72,12 @@ class Model:
         if self.n_past + len(tokens) > self.cache.max_T:
             raise ValueError(f"context full: n_past={self.n_past} + {len(tokens)} tokens > max_T={self.cache.max_T}")
         out = np.empty((len(tokens), self.config.vocab), dtype=np.float32)
+        if self.n_batch > 1 and len(tokens) > 1:
+            for i in range(0, len(tokens), self.n_batch):   # chunks, as llama.cpp's ubatches
+                chunk = tokens[i:i + self.n_batch]
+                out[i:i + len(chunk)] = self.cache.step_batch(chunk, self.n_past)
+                self.n_past += len(chunk)
+            return out
         for i, tok in enumerate(tokens):
             out[i] = self.cache.step(tok, self.n_past)
             self.n_past += 1
@@ -173,14 +180,17 @@ def _stop_safe_len(text: str, stop: list[str]) -> int:
 
 def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: int | None = None,
          backend: str = "cpu", kv_type: str = "f32", flash_attn: bool = False, loader: str = "mmap",
-         weight_type: int | None = None, progress: bool = False, fused_heads: bool = False) -> Model:
+         weight_type: int | None = None, progress: bool = False, fused_heads: bool = False,
+         n_batch: int = 1) -> Model:
     """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
 
     ``loader="mmap"`` points weights into the mapped file (no copy); ``loader="copy"`` takes the
     seed's legacy path (``realize_for`` + ``load_weights``) with 2-D weights at ``weight_type``
     (default: the file's own type; 0 = F32, 8 = Q8_0). ``kv_type="q8_0"`` also turns flash
     attention on, as in the seed. ``fused_heads=True`` builds the faster fused-heads graph
-    (same logits) instead of the seed's per-head graph.
+    (same logits) instead of the seed's per-head graph. ``n_batch > 1`` (fused heads only) evaluates
+    a prompt in graphs of up to ``n_batch`` positions, as llama.cpp's ubatches (its logits then are
+    llama.cpp's with the same n_batch/n_ubatch); 1 evaluates one position per graph.
     """
     if path is None:
         from .fetch import default_model_path
@@ -201,6 +211,8 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
         cache.enable_flash_attn()
     if fused_heads:
         cache.enable_fused_heads()
+    if n_batch < 1 or (n_batch > 1 and not fused_heads):
+        raise ValueError(f"n_batch must be 1, or > 1 with fused_heads=True; got {n_batch}")
     max_T = min(int(max_T), cfg.context_length) if cfg.context_length else int(max_T)
     if loader == "mmap":
         g = tnn.tnn_gguf_load(str(path))
@@ -220,4 +232,6 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
         cache.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,
                           cfg.rope_base, cfg.rms_eps, cfg.untied_output, cfg.qkv_bias, d_head=cfg.head_dim)
         cache.load_weights(str(path), progress=progress)
-    return Model(path, cfg, cache, tok)
+    model = Model(path, cfg, cache, tok)
+    model.n_batch = int(n_batch)
+    return model

@@ -7,7 +7,9 @@ decode graph one position at a time: every query head is its own matmul ->
 rope -> attention chain, so every intermediate is a visible, nameable tensor
 (``enable_trace``). Beside it, ``enable_fused_heads`` builds each layer with all
 heads in one tensor, as llama.cpp does: the same logits from ~1/4 of the nodes,
-on the same weights and the same cache (the builders can take turns).
+on the same weights and the same cache (the builders can take turns); its decode
+graph is built once and replayed, and ``step_batch`` evaluates many positions in
+one graph (batched prefill, llama.cpp's ubatch numbers).
 
 Where the seed approximates, llama.cpp decides (see the comments marked
 "llama.cpp:"), because parity with llama.cpp is how we know the numbers are
@@ -499,12 +501,15 @@ class SmolLM2KVFFICache:
             return 0
         return self.swa_window
 
-    def build_decode_step(self, pos: int) -> SmolLM2KVStepResult:
-        """The compute graph for one decode position (token and position are graph inputs)."""
+    def build_decode_step(self, pos: int, n_tokens: int = 1) -> SmolLM2KVStepResult:
+        """The compute graph for one decode position (token and position are graph inputs), or, with
+        the fused-heads builder, for ``n_tokens`` consecutive positions ending at ``pos`` (a batch)."""
         if not self.realized:
             raise RuntimeError("build_decode_step: realize the cache first")
         if not 0 <= pos < self.max_T:
             raise ValueError(f"position {pos} outside the cache (max_T={self.max_T})")
+        if n_tokens != 1 and not (self.fused_heads and self._t_kv_row is not None):
+            raise ValueError("build_decode_step: a batch of positions needs the fused-heads builder (step_batch)")
         sess = self.sess
         eps = self.rms_eps
         scale = self.attn_scale if self.attn_scale else inv_sqrt_f32(self.d_head)
@@ -513,8 +518,8 @@ class SmolLM2KVFFICache:
         bytes_d_head_k = tnn.tnn_row_size(self.kv_type_k, self.d_head)
         bytes_d_head_v = tnn.tnn_row_size(self.kv_type_v, self.d_head)
 
-        t_token_id = tnn.tnn_input_1d_i32(sess, 1)
-        t_pos = tnn.tnn_input_1d_i32_ctx(sess, 1)
+        t_token_id = tnn.tnn_input_1d_i32(sess, n_tokens)
+        t_pos = tnn.tnn_input_1d_i32_ctx(sess, n_tokens)
         tnn.tnn_set_name(t_token_id, "inp_tokens")
         tnn.tnn_set_name(t_pos, "inp_pos")
 
@@ -608,22 +613,27 @@ class SmolLM2KVFFICache:
                 t_q = tnn.tnn_rms_norm(sess, t_q, blk.t_q_norm_gamma, self.rms_eps)
                 t_k = tnn.tnn_rms_norm(sess, t_k, blk.t_k_norm_gamma, self.rms_eps)
             else:                          # each head's row
-                t_q = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_q, Dh, H), blk.t_q_norm_gamma, self.rms_eps)
-                t_k = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_k, Dh, G), blk.t_k_norm_gamma, self.rms_eps)
-        t_q = self._rope(tnn.tnn_reshape_3d(sess, t_q, Dh, H, 1), t_pos, layer_idx)
-        t_k = self._rope(tnn.tnn_reshape_3d(sess, t_k, Dh, G, 1), t_pos, layer_idx)
+                n_tok = tnn.tnn_tensor_ne(t_h, 1)
+                t_q = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_q, Dh, H * n_tok), blk.t_q_norm_gamma,
+                                       self.rms_eps)
+                t_k = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_k, Dh, G * n_tok), blk.t_k_norm_gamma,
+                                       self.rms_eps)
+        n = tnn.tnn_tensor_ne(t_h, 1)                                   # tokens in this graph
+        t_q = self._rope(tnn.tnn_reshape_3d(sess, t_q, Dh, H, n), t_pos, layer_idx)
+        t_k = self._rope(tnn.tnn_reshape_3d(sess, t_k, Dh, G, n), t_pos, layer_idx)
         t_q = self.trace_tap(tag + "q_all_rot", t_q)
         if self.t_k_hadamard is not None:
-            t_k = self._hadamard(t_k, self.t_k_hadamard, G)
+            t_k = self._hadamard(t_k, self.t_k_hadamard, G * n)
         if self.t_v_hadamard is not None:
-            t_v = self._hadamard(t_v, self.t_v_hadamard, G)
+            t_v = self._hadamard(t_v, self.t_v_hadamard, G * n)
         # the new K (and V) of every KV head into row `pos` of the n_kv head blocks. A replayed graph
         # takes the row as an input (set_rows); otherwise one strided copy for an F32 cache, and one
         # per head for a quantized one (a quantizing copy needs a contiguous target)
         for t_new, layer, row, typ in ((t_k, blk.t_K_layer, bytes_d_head_k, self.kv_type_k),
                                        (t_v, blk.t_V_layer, bytes_d_head_v, self.kv_type_v)):
             if self._t_kv_row is not None:
-                src = tnn.tnn_reshape_3d(sess, t_new, Dh, 1, G)
+                src = tnn.tnn_reshape_3d(sess, t_new, Dh, 1, G) if n == 1 else \
+                    tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, t_new, Dh, G, n), 0, 2, 1, 3)   # [Dh, n, G]
                 tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, layer, src, self._t_kv_row))
                 continue
             heads = [(0, G)] if typ == GGML_TYPE_F32 else [(h, 1) for h in range(G)]
@@ -631,10 +641,12 @@ class SmolLM2KVFFICache:
                 src = tnn.tnn_view_3d(sess, t_new, Dh, 1, n, Dh * 4, Dh * 4, first * Dh * 4)
                 slot = tnn.tnn_view_3d(sess, layer, Dh, 1, n, row, self.max_T * row, (first * self.max_T + pos) * row)
                 tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, src, slot))
-        t_q, scale = self._finish_q(t_q, scale, H)
+        t_q, scale = self._finish_q(t_q, scale, H * n)
+        # [d_head, tokens, heads], as llama.cpp permutes Q
+        t_q = tnn.tnn_reshape_3d(sess, t_q, Dh, 1, H) if n == 1 else \
+            tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, t_q, Dh, H, n), 0, 2, 1, 3)
         t_K_hist, t_V_hist, t_mask = self._kv_history(blk, None, pos, layer_idx, bytes_d_head_k, bytes_d_head_v)
-        t_out = self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, H, tag, False)
-        return tnn.tnn_reshape_2d(sess, t_out, H * Dh, 1)
+        return self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, tag, False)
 
     def _write_kv(self, blk, hkv, t_k, t_v, pos, bytes_d_head_k, bytes_d_head_v):
         """Store KV head ``hkv``'s new K and V ([d_head, 1] each) at ``pos``; cpy quantizes on the way
@@ -727,7 +739,8 @@ class SmolLM2KVFFICache:
             t_q = self.trace_tap(tag + "q_rot", t_q)
         t_q, scale = self._finish_q(t_q, scale, 1)
         t_K_hist, t_V_hist, t_mask = self._kv_history(blk, hkv, pos, layer_idx, bytes_d_head_k, bytes_d_head_v)
-        return self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, 1, tag, tap_this_head)
+        t_q = tnn.tnn_reshape_3d(self.sess, t_q, self.d_head, 1, 1)
+        return self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, tag, tap_this_head)
 
     def _finish_q(self, t_q, scale, n_heads):
         """Gemma's pre-scaled Q (llama.cpp scales Q itself, then attends with scale 1), and the
@@ -760,12 +773,14 @@ class SmolLM2KVFFICache:
                                    (first * self.max_T + hist_start) * row)
         return hist(blk.t_K_layer, bytes_d_head_k), hist(blk.t_V_layer, bytes_d_head_v), t_mask
 
-    def _attend(self, t_q, t_K_hist, t_V_hist, t_mask, scale, n_q, tag, tap):
-        """softmax(K q * scale + mask) V for ``n_q`` query heads (t_q: n_q contiguous [d_head] vectors)
-        over K/V views [d_head, length, n_kv heads]; ggml gives query head h the KV head
-        h // (n_q / n_kv), as llama.cpp's GQA does. Returns [d_head, n_q]."""
-        sess = self.sess
-        t_q = tnn.tnn_reshape_3d(sess, t_q, self.d_head, 1, n_q)     # [d_head, 1 token, n_q heads]
+    def _attend(self, t_q, t_K_hist, t_V_hist, t_mask, scale, tag, tap):
+        """softmax(K q * scale + mask) V, as llama.cpp's build_attn_mha.
+
+        t_q: [d_head, tokens, query heads]; K, V: views [d_head, length, KV heads] (ggml gives query
+        head h the KV head h // (query heads / KV heads), llama.cpp's GQA); t_mask: [length, tokens]
+        or None. Returns the heads of each token joined: [d_head * query heads, tokens]."""
+        sess, Dh = self.sess, self.d_head
+        n_tok, n_q = tnn.tnn_tensor_ne(t_q, 1), tnn.tnn_tensor_ne(t_q, 2)
         if self.use_flash_attn:
             # llama.cpp: flash attention reads an F32 cache as F16 (it casts K and V), so do we
             if self.kv_type_k == GGML_TYPE_F32:
@@ -773,14 +788,14 @@ class SmolLM2KVFFICache:
             if self.kv_type_v == GGML_TYPE_F32:
                 t_V_hist = tnn.tnn_cast(sess, t_V_hist, GGML_TYPE_F16)
             t_out = tnn.tnn_flash_attn_ext(sess, t_q, t_K_hist, t_V_hist, t_mask, scale, 0.0, self.attn_softcap)
-            t_head = tnn.tnn_reshape_2d(sess, t_out, self.d_head, n_q)
+            t_head = tnn.tnn_reshape_2d(sess, t_out, Dh, n_q * n_tok)     # out: [d_head, heads, tokens]
             if self.t_v_hadamard is not None:
-                t_head = self._hadamard(t_head, self.t_v_hadamard, n_q)
+                t_head = self._hadamard(t_head, self.t_v_hadamard, n_q * n_tok)
             if tap:
                 t_head = self.trace_tap(tag + "head0_flash", t_head)
-            return t_head
+            return tnn.tnn_reshape_2d(sess, t_head, Dh * n_q, n_tok)
 
-        t_scores = tnn.tnn_matmul(sess, t_K_hist, t_q)
+        t_scores = tnn.tnn_matmul(sess, t_K_hist, t_q)                  # [length, tokens, heads]
         if tap:
             t_scores = self.trace_tap(tag + "scores", t_scores)
         if t_mask is not None:
@@ -792,43 +807,48 @@ class SmolLM2KVFFICache:
         if tap:
             t_attn = self.trace_tap(tag + "softmax", t_attn)
         t_V_T = tnn.tnn_transpose(sess, t_V_hist)
-        t_head = tnn.tnn_matmul(sess, t_V_T, t_attn)
+        t_head = tnn.tnn_matmul(sess, t_V_T, t_attn)                    # [d_head, tokens, heads]
         if tap:
             t_head = self.trace_tap(tag + "head0", t_head)
-        return tnn.tnn_reshape_2d(sess, t_head, self.d_head, n_q)
+        if n_tok > 1:
+            t_head = tnn.tnn_cont(sess, tnn.tnn_permute(sess, t_head, 0, 2, 1, 3))
+        return tnn.tnn_reshape_2d(sess, t_head, Dh * n_q, n_tok)
 
     def build_moe_ffn(self, blk, t_h2, tag):
         """Routed FFN, as llama.cpp's build_moe_ffn: softmax router -> the top-k experts in
         descending order -> (renormalised) weights -> SwiGLU per expert -> weighted sum, summed
         expert by expert in that order."""
         sess, K, E, D = self.sess, self.n_experts_used, self.n_experts, self.d_model
+        n = tnn.tnn_tensor_ne(t_h2, 1)                                                  # tokens
         t_logits = self.trace_tap(tag + "moe_logits", tnn.tnn_matmul(sess, blk.t_w_router, t_h2))
-        t_probs = tnn.tnn_softmax(sess, t_logits)                                       # [E, 1]
-        t_top = tnn.tnn_argsort_top_k(sess, t_probs, K)                                 # [K, 1]
-        t_w = tnn.tnn_get_rows(sess, tnn.tnn_reshape_3d(sess, t_probs, 1, E, 1), t_top)  # [1, K, 1]
+        t_probs = tnn.tnn_softmax(sess, t_logits)                                       # [E, n]
+        t_top = tnn.tnn_argsort_top_k(sess, t_probs, K)                                 # [K, n]
+        t_w = tnn.tnn_get_rows(sess, tnn.tnn_reshape_3d(sess, t_probs, 1, E, n), t_top)  # [1, K, n]
         if self.expert_weights_norm:
-            t_w2 = tnn.tnn_reshape_2d(sess, t_w, K, 1)
+            t_w2 = tnn.tnn_reshape_2d(sess, t_w, K, n)
             t_sum = tnn.tnn_clamp(sess, tnn.tnn_sum_rows(sess, t_w2), 6.103515625e-5, float("inf"))
-            t_w = tnn.tnn_reshape_3d(sess, tnn.tnn_div(sess, t_w2, t_sum), 1, K, 1)
+            t_w = tnn.tnn_reshape_3d(sess, tnn.tnn_div(sess, t_w2, t_sum), 1, K, n)
         if self.expert_weights_scale not in (0.0, 1.0):
             t_w = tnn.tnn_scale(sess, t_w, self.expert_weights_scale)
-        t_up = tnn.tnn_mul_mat_id(sess, blk.t_w_up_exps, t_h2, t_top)                  # [d_ff, K, 1]
+        if n > 1:
+            t_h2 = tnn.tnn_reshape_3d(sess, t_h2, D, 1, n)
+        t_up = tnn.tnn_mul_mat_id(sess, blk.t_w_up_exps, t_h2, t_top)                  # [d_ff, K, n]
         t_gate = tnn.tnn_mul_mat_id(sess, blk.t_w_gate_exps, t_h2, t_top)
         t_act = tnn.tnn_mul(sess, self._ffn_act(t_gate), t_up)
-        t_down = tnn.tnn_mul_mat_id(sess, blk.t_w_down_exps, t_act, t_top)             # [d_model, K, 1]
+        t_down = tnn.tnn_mul_mat_id(sess, blk.t_w_down_exps, t_act, t_top)             # [d_model, K, n]
         t_down = self.trace_tap(tag + "moe_e_down", t_down)
         t_weighted = tnn.tnn_mul(sess, t_down, t_w)
         row = D * 4
-        t_dn = tnn.tnn_view_2d(sess, t_weighted, D, 1, row * K, 0)
+        t_dn = tnn.tnn_view_2d(sess, t_weighted, D, n, row * K, 0)
         for k in range(1, K):
-            t_dn = tnn.tnn_add(sess, t_dn, tnn.tnn_view_2d(sess, t_weighted, D, 1, row * K, k * row))
+            t_dn = tnn.tnn_add(sess, t_dn, tnn.tnn_view_2d(sess, t_weighted, D, n, row * K, k * row))
         if K == 1:
             t_dn = tnn.tnn_cont(sess, t_dn)
         return self.trace_tap(tag + "moe_out", t_dn)
 
-    def _kq_mask(self, pos: int, window: int) -> np.ndarray:
+    def _kq_mask(self, pos: int, window: int, length: int | None = None) -> np.ndarray:
         """0 where position ``pos`` may attend (causal, and inside the sliding window), -inf elsewhere."""
-        j = np.arange(self._n_kv_padded(pos))
+        j = np.arange(self._n_kv_padded(pos) if length is None else length)
         ok = j <= pos
         if window > 0:
             ok &= pos - j < window
@@ -865,6 +885,43 @@ class SmolLM2KVFFICache:
         if self._trace:
             self._last_trace = {name: tnn.download(self.sess, t) for name, t in self._taps}
         return tnn.download(self.sess, res.t_logits).reshape(-1)
+
+    def step_batch(self, token_ids, pos0: int) -> np.ndarray:
+        """Prefill: ``token_ids`` at positions pos0, pos0+1, ... in one fused-heads graph, as
+        llama.cpp computes one ubatch; logits [len(token_ids), vocab]. The cache advances."""
+        if not self.fused_heads or not self.kv_pad:
+            raise RuntimeError("step_batch: needs the fused-heads builder (enable_fused_heads)")
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        n = ids.size
+        if n == 0:
+            return np.zeros((0, self.vocab_size), np.float32)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"token id {int(ids[(ids < 0) | (ids >= self.vocab_size)][0])} outside the "
+                             f"vocabulary (size {self.vocab_size})")
+        if pos0 < 0 or pos0 + n > self.max_T:
+            raise ValueError(f"positions {pos0}..{pos0 + n - 1} outside the cache (max_T={self.max_T})")
+        last = pos0 + n - 1
+        length = self._n_kv_padded(last)
+        tnn.tnn_reset_for_rebuild(self.sess)
+        self._replay = None
+        self._taps = []
+        mask_type = GGML_TYPE_F16 if self.use_flash_attn else GGML_TYPE_F32
+        self._t_kq_masks = {w: tnn.tnn_input_4d(self.sess, mask_type, length, n, 1, 1)
+                            for w in {self._layer_window(li) for li in range(self.n_layers)}}
+        self._t_kv_row = tnn.tnn_input_1d_i32(self.sess, n)
+        res = self.build_decode_step(last, n_tokens=n)
+        tnn.tnn_realize(self.sess, res.t_logits)
+        positions = np.arange(pos0, pos0 + n, dtype=np.int32)
+        for window, t_mask in self._t_kq_masks.items():
+            mask = np.stack([self._kq_mask(int(p), window, length) for p in positions])
+            tnn.upload(self.sess, t_mask, mask.astype(np.float16) if self.use_flash_attn else mask)
+        tnn.upload(self.sess, res.t_token_id, ids.astype(np.int32))
+        tnn.upload(self.sess, res.t_pos, positions)
+        tnn.upload(self.sess, self._t_kv_row, positions)
+        tnn.tnn_compute(self.sess)
+        if self._trace:
+            self._last_trace = {name: tnn.download(self.sess, t) for name, t in self._taps}
+        return tnn.download(self.sess, res.t_logits).reshape(n, self.vocab_size)
 
     def _step_replayed(self, token_id: int, pos: int) -> np.ndarray:
         """A step of the fused-heads graph, built once per padded KV length (every 256 positions) and
