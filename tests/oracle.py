@@ -32,13 +32,29 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
 
 
+def ubatch_oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_batch: int = 1, n_ctx: int = 512):
+    """llama.cpp on ``path`` evaluating ubatches of ``n_batch`` positions (n_batch = n_ubatch), with
+    logits for every position. n_batch=1 is one position per graph, as our decode graphs compute."""
+    lc = llama_cpp()
+    return lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=True, verbose=False,
+                    n_threads=os.cpu_count(), type_k=KV_GGML_TYPE[kv_type], type_v=KV_GGML_TYPE[kv_type],
+                    flash_attn=flash_attn)
+
+
+def ubatch_logits(path, tokens, kv_type: str = "f32", flash_attn: bool = False, n_batch: int = 1,
+                  n_ctx: int = 512) -> np.ndarray:
+    """llama.cpp's logits [len(tokens), vocab], evaluated in ubatches of ``n_batch`` positions."""
+    llm = ubatch_oracle(path, kv_type, flash_attn, n_batch, n_ctx)
+    try:
+        return oracle_logits(llm, tokens)
+    finally:
+        llm.close()
+
+
 @contextlib.contextmanager
 def oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_ctx: int = 512):
-    """A llama.cpp context on ``path`` with logits for every position."""
-    lc = llama_cpp()
-    llm = lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-                   n_threads=os.cpu_count(), type_k=KV_GGML_TYPE[kv_type], type_v=KV_GGML_TYPE[kv_type],
-                   flash_attn=flash_attn)
+    """A llama.cpp context on ``path`` with logits for every position (whole-prompt ubatches)."""
+    llm = ubatch_oracle(path, kv_type, flash_attn, n_batch=n_ctx, n_ctx=n_ctx)
     try:
         yield llm
     finally:

@@ -78,14 +78,15 @@ def _report(label, ours, ref):
 
 
 @needs_accelerator
-@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
+@pytest.mark.parametrize("graph", ["per_head", "fused_heads", "fused_batched"])
 @pytest.mark.parametrize("backend", BACKENDS or ["none"])
 @pytest.mark.parametrize("name", _case_names())
-def test_backend_logits_close_to_llama_cpp(cases, backend, name, fused):
+def test_backend_logits_close_to_llama_cpp(cases, backend, name, graph):
     c = cases[name]
     ref = np.load(c["logits"])
+    fused = graph != "per_head"
     with toy_llm.load(c["gguf"], max_T=256, backend=backend, kv_type=c["kv_type"], flash_attn=c["flash"],
-                      fused_heads=fused) as m:
+                      fused_heads=fused, n_batch=64 if graph == "fused_batched" else 1) as m:
         assert tnn.tnn_session_backend_kind(m.cache.sess) == BACKEND_KINDS[backend]
         ours = m.eval(c["tokens"])
         m.reset()
@@ -95,7 +96,7 @@ def test_backend_logits_close_to_llama_cpp(cases, backend, name, fused):
             tok = int(np.argmax(logits))
             greedy.append(tok)
             logits = m.eval([tok])[-1]
-    label = f"{backend} {name}{' fused-heads' if fused else ''}"
+    label = f"{backend} {name} {graph}"
     max_abs, agree = _report(label, ours, ref)
     same = next((i for i, (a, b) in enumerate(zip(greedy, c["greedy"])) if a != b), len(c["greedy"]))
     print(f"[backend] {label}: greedy {same}/{len(c['greedy'])} tokens as llama.cpp (CPU)")

@@ -251,3 +251,19 @@ def test_fused_heads_says_what_it_cannot_do(tmp_path, llama_path):
         m.cache.fused_heads = True
         with pytest.raises(RuntimeError, match="enable_fused_heads before realize"):
             m.eval([65])
+
+
+def test_batched_eval_says_what_it_cannot_do(llama_path):
+    with pytest.raises(ValueError, match="n_batch must be 1, or > 1 with fused_heads"):
+        toy_llm.load(llama_path, max_T=16, n_batch=8)
+    with toy_llm.load(llama_path, max_T=16) as m:
+        with pytest.raises(RuntimeError, match="needs the fused-heads builder"):
+            m.cache.step_batch([65, 66], 0)
+    with toy_llm.load(llama_path, max_T=16, fused_heads=True, n_batch=8) as m:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            m.cache.step_batch([65, 10**6], 0)
+        with pytest.raises(ValueError, match="outside the cache"):
+            m.cache.step_batch([65] * 4, 14)
+        with pytest.raises(ValueError, match="context full"):
+            m.eval([65] * 17)
+        assert m.eval([65, 66, 67]).shape == (3, m.config.vocab)     # and it still works

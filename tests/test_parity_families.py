@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import toy_llm
-from oracle import KV_GGML_TYPE, oracle_greedy_text, oracle_logits, report
+from oracle import oracle_greedy_text, report, ubatch_logits, ubatch_oracle
 
 synthetic = pytest.importorskip("toy_llm.testing.synthetic")
 lc = pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
@@ -53,12 +53,6 @@ def model_file(model_dir, family: str, wtype: str):
     return out
 
 
-def tokenwise_oracle(path, kv_type: str, flash: bool):
-    return lc.Llama(str(path), n_ctx=256, n_batch=1, n_ubatch=1, logits_all=True, verbose=False,
-                    n_threads=os.cpu_count(), type_k=KV_GGML_TYPE[kv_type], type_v=KV_GGML_TYPE[kv_type],
-                    flash_attn=flash)
-
-
 _TOKENS: dict = {}
 
 
@@ -77,16 +71,31 @@ def teacher_tokens(path) -> list[int]:
 def test_family_weight_type_logits(model_dir, family, wtype, kv_type, flash, fused):
     path = model_file(model_dir, family, wtype)
     tokens = teacher_tokens(path)
-    llm = tokenwise_oracle(path, kv_type, flash)
-    try:
-        ref = oracle_logits(llm, tokens)
-    finally:
-        llm.close()
+    ref = ubatch_logits(path, tokens, kv_type, flash, n_ctx=256)
     with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
         ours = m.eval(tokens)
     max_abs, agree = report(f"{family} {wtype} kv={kv_type}{' fused-heads' if fused else ''}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
+
+
+BATCHED_MATRIX = [(f, "Q4_K") for f in synthetic.FAMILIES] + [("llama", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q6_K")]
+
+
+@pytest.mark.parametrize("kv_type,flash", KV_SETTINGS, ids=["kv_f32", "kv_q8_0_fa"])
+@pytest.mark.parametrize("family,wtype", BATCHED_MATRIX, ids=[f"{f}-{t}" for f, t in BATCHED_MATRIX])
+def test_batched_prefill_matches_llama_cpp_batched(model_dir, family, wtype, kv_type, flash):
+    """All N_POS positions in one fused-heads graph, then the rest of the way in graphs of 20,
+    against llama.cpp evaluating them in ubatches of the same sizes."""
+    path = model_file(model_dir, family, wtype)
+    tokens = teacher_tokens(path)
+    for n_batch in (N_POS, 20):
+        ref = ubatch_logits(path, tokens, kv_type, flash, n_batch, n_ctx=256)
+        with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=n_batch) as m:
+            ours = m.eval(tokens)
+        max_abs, agree = report(f"{family} {wtype} kv={kv_type} batched n_batch={n_batch}", ours, ref)
+        assert agree == 1.0
+        assert max_abs <= BOUND
 
 
 COPY_MATRIX = [("llama", t) for t in ALL_TYPES] + [(f, "Q4_K") for f in synthetic.FAMILIES if f != "llama"]
@@ -98,11 +107,7 @@ def test_copy_loader_matches_llama_cpp(model_dir, family, wtype, fused):
     """The seed's legacy path (realize_for + load_weights) with the file's own types."""
     path = model_file(model_dir, family, wtype)
     tokens = teacher_tokens(path)[:24]
-    llm = tokenwise_oracle(path, "f32", False)
-    try:
-        ref = oracle_logits(llm, tokens)
-    finally:
-        llm.close()
+    ref = ubatch_logits(path, tokens, n_ctx=256)
     with toy_llm.load(path, max_T=256, loader="copy", fused_heads=fused) as m:
         ours = m.eval(tokens)
     max_abs, agree = report(f"{family} {wtype} copy loader{' fused-heads' if fused else ''}", ours, ref)
@@ -150,7 +155,7 @@ def test_copy_loader_converts_weight_types(model_dir, src_type, weight_type):
 def test_greedy_32_tokens_identical(model_dir, family):
     path = model_file(model_dir, family, "Q4_K")
     prompt = "The river ran quietly past the old mill"
-    llm = tokenwise_oracle(path, "f32", False)
+    llm = ubatch_oracle(path, n_ctx=256)
     try:
         ids = llm.tokenize(prompt.encode(), add_bos=False)
         ref_text = oracle_greedy_text(llm, ids, 32)

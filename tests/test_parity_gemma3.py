@@ -7,12 +7,11 @@ Q4_K weights that llama.cpp runs through ggml's repacked CPU kernels.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 
 import toy_llm
-from oracle import KV_GGML_TYPE, PARITY_TEXT, oracle_greedy_text, oracle_logits, report
+from oracle import PARITY_TEXT, oracle_greedy_text, oracle_logits, report, ubatch_oracle
 
 lc = pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
 BOUND = 1e-3
@@ -25,16 +24,10 @@ def gemma3():
     return fetch("gemma3-270m")
 
 
-def _oracle(path, kv_type, flash):
-    return lc.Llama(str(path), n_ctx=256, n_batch=1, n_ubatch=1, logits_all=True, verbose=False,
-                    n_threads=os.cpu_count(), type_k=KV_GGML_TYPE[kv_type], type_v=KV_GGML_TYPE[kv_type],
-                    flash_attn=flash)
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
 def test_gemma3_teacher_forced_logits(gemma3, kv_type, flash, fused):
-    llm = _oracle(gemma3, kv_type, flash)
+    llm = ubatch_oracle(gemma3, kv_type, flash, n_ctx=256)
     try:
         tokens = llm.tokenize(PARITY_TEXT.encode(), add_bos=True)[:48]
         ref = oracle_logits(llm, tokens)
@@ -50,7 +43,7 @@ def test_gemma3_teacher_forced_logits(gemma3, kv_type, flash, fused):
 
 def test_gemma3_greedy_32_tokens(gemma3):
     prompt = "The capital of France is"
-    llm = _oracle(gemma3, "f32", False)
+    llm = ubatch_oracle(gemma3, n_ctx=256)
     try:
         ids = llm.tokenize(prompt.encode(), add_bos=True)
         ref_text = oracle_greedy_text(llm, ids, 32)
@@ -61,3 +54,19 @@ def test_gemma3_greedy_32_tokens(gemma3):
         text = m.generate(prompt, max_new_tokens=32)
     print(f"\n[greedy] Gemma 3 270M: llama.cpp {ref_text!r}\n[greedy] Gemma 3 270M: toy_llm   {text!r}")
     assert text == ref_text
+
+
+@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+def test_gemma3_batched_prefill(gemma3, kv_type, flash):
+    """48 positions in one fused-heads graph against llama.cpp's one ubatch of 48."""
+    llm = ubatch_oracle(gemma3, kv_type, flash, 48, n_ctx=256)
+    try:
+        tokens = llm.tokenize(PARITY_TEXT.encode(), add_bos=True)[:48]
+        ref = oracle_logits(llm, tokens)
+    finally:
+        llm.close()
+    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=48) as m:
+        ours = m.eval(tokens)
+    max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type} batched prefill", ours, ref)
+    assert agree == 1.0
+    assert max_abs <= BOUND

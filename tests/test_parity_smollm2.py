@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import toy_llm
-from oracle import PARITY_TEXT, oracle, oracle_greedy_text, oracle_logits, report
+from oracle import PARITY_TEXT, oracle, oracle_greedy_text, report, ubatch_logits, ubatch_oracle
 
 BOUND = 1e-3
 N_TEACHER = 128
@@ -45,15 +45,6 @@ def tokens(smollm2):
     return toks[:N_TEACHER]
 
 
-def _oracle_seq(path, kv_type, flash):
-    lc = pytest.importorskip("llama_cpp")
-    from oracle import KV_GGML_TYPE
-
-    return lc.Llama(str(path), n_ctx=512, n_batch=1, n_ubatch=1, logits_all=True, verbose=False,
-                    n_threads=os.cpu_count(), type_k=KV_GGML_TYPE[kv_type], type_v=KV_GGML_TYPE[kv_type],
-                    flash_attn=flash)
-
-
 @pytest.mark.parametrize("kv_type,flash,loader,fused", [
     ("f32", False, "mmap", False),
     ("f32", True, "mmap", False),
@@ -63,11 +54,7 @@ def _oracle_seq(path, kv_type, flash):
     ("q8_0", True, "mmap", True),
 ])
 def test_teacher_forced_logits_match_llama_cpp(smollm2, tokens, kv_type, flash, loader, fused):
-    llm = _oracle_seq(smollm2, kv_type, flash)
-    try:
-        ref = oracle_logits(llm, tokens)
-    finally:
-        llm.close()
+    ref = ubatch_logits(smollm2, tokens, kv_type, flash)
     with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, loader=loader, fused_heads=fused) as m:
         ours = m.eval(tokens)
         assert m.n_past == len(tokens)
@@ -82,7 +69,7 @@ def test_teacher_forced_logits_match_llama_cpp(smollm2, tokens, kv_type, flash, 
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
 def test_greedy_64_tokens_identical_text(smollm2, kv_type, flash, fused):
     prompt = "The capital of France is"
-    llm = _oracle_seq(smollm2, kv_type, flash)
+    llm = ubatch_oracle(smollm2, kv_type, flash)
     try:
         prompt_ids = llm.tokenize(prompt.encode(), add_bos=False)
         ref_text = oracle_greedy_text(llm, prompt_ids, 64)
@@ -150,3 +137,34 @@ def test_mmap_path_does_not_copy_weights(smollm2):
     print(f"\n[rss] anonymous memory growth: mmap {mmap_mib:.1f} MiB, copy {copy_mib:.1f} MiB "
           f"(weights {weights_mib:.1f} MiB)")
     assert copy_mib - mmap_mib > 0.8 * weights_mib
+
+
+@pytest.mark.parametrize("n_batch", [512, 48], ids=["one_ubatch", "ubatches_of_48"])
+@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, flash, n_batch):
+    """A prompt evaluated n_batch positions per graph (fused heads) against llama.cpp evaluating it in
+    ubatches of the same size: the batched kernels (GEMM instead of GEMV, Q8 activations of several
+    rows) give numbers of their own, and they are llama.cpp's own."""
+    ref = ubatch_logits(smollm2, tokens, kv_type, flash, n_batch)
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True,
+                      n_batch=n_batch) as m:
+        ours = m.eval(tokens)
+    max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} batched prefill n_batch={n_batch}", ours, ref)
+    assert agree == 1.0
+    assert max_abs <= BOUND
+
+
+@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+def test_greedy_after_batched_prompt_identical_text(smollm2, kv_type, flash):
+    """llama.cpp's default way of generating: the prompt as one batch, then one token a step."""
+    prompt = "The capital of France is"
+    llm = ubatch_oracle(smollm2, kv_type, flash, 512)
+    try:
+        ref_text = oracle_greedy_text(llm, llm.tokenize(prompt.encode(), add_bos=False), 64)
+    finally:
+        llm.close()
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=512) as m:
+        text = m.generate(prompt, max_new_tokens=64)
+    print(f"\n[greedy] batched prompt, kv={kv_type}: llama.cpp {ref_text!r}\n"
+          f"[greedy] batched prompt, kv={kv_type}: toy_llm   {text!r}")
+    assert text == ref_text
