@@ -32,11 +32,13 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
 
 
-def ubatch_oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_batch: int = 1, n_ctx: int = 512):
+def ubatch_oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_batch: int = 1, n_ctx: int = 512,
+                  logits_all: bool = True):
     """llama.cpp on ``path`` evaluating ubatches of ``n_batch`` positions (n_batch = n_ubatch), with
-    logits for every position. n_batch=1 is one position per graph, as our decode graphs compute."""
+    logits for every position (``logits_all=False``: only each eval's last, llama.cpp's default).
+    n_batch=1 is one position per graph, as our decode graphs compute."""
     lc = llama_cpp()
-    return lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=True, verbose=False,
+    return lc.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all, verbose=False,
                     n_threads=os.cpu_count(), type_k=KV_GGML_TYPE[kv_type], type_v=KV_GGML_TYPE[kv_type],
                     flash_attn=flash_attn)
 
@@ -68,13 +70,21 @@ def oracle_logits(llm, tokens) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
+def last_logits(llm) -> np.ndarray:
+    """llama.cpp's logits of the last position it evaluated (whether or not it keeps all of them)."""
+    if llm._logits_all:
+        return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    # llama-cpp-python keeps no logits without logits_all; the context still holds the last ones
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float32)
+
+
 def oracle_greedy(llm, prompt_tokens, n: int) -> list[int]:
     """llama.cpp's greedy continuation: argmax of its own logits, fed back one token at a time."""
     llm.reset()
     llm.eval(list(prompt_tokens))
     out = []
     for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
         if tok == llm.token_eos():
             break
         out.append(tok)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import toy_llm
-from oracle import oracle_greedy_text, report, ubatch_logits, ubatch_oracle
+from oracle import last_logits, oracle_greedy_text, report, ubatch_logits, ubatch_oracle
 
 synthetic = pytest.importorskip("toy_llm.testing.synthetic")
 lc = pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
@@ -96,6 +96,17 @@ def test_batched_prefill_matches_llama_cpp_batched(model_dir, family, wtype, kv_
         max_abs, agree = report(f"{family} {wtype} kv={kv_type} batched n_batch={n_batch}", ours, ref)
         assert agree == 1.0
         assert max_abs <= BOUND
+    # only the last position's logits (the last layer runs on it alone, llama.cpp's inp_out_ids)
+    llm = ubatch_oracle(path, kv_type, flash, 20, n_ctx=256, logits_all=False)
+    try:
+        llm.eval(tokens)
+        ref_last = last_logits(llm)[None]
+    finally:
+        llm.close()
+    with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=20) as m:
+        last = m.eval(tokens, all_logits=False)
+    max_abs, agree = report(f"{family} {wtype} kv={kv_type} batched n_batch=20, last logits only", last, ref_last)
+    assert agree == 1.0 and max_abs <= BOUND
 
 
 COPY_MATRIX = [("llama", t) for t in ALL_TYPES] + [(f, "Q4_K") for f in synthetic.FAMILIES if f != "llama"]

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import toy_llm
-from oracle import PARITY_TEXT, oracle, oracle_greedy_text, report, ubatch_logits, ubatch_oracle
+from oracle import PARITY_TEXT, last_logits, oracle, oracle_greedy_text, report, ubatch_logits, ubatch_oracle
 
 BOUND = 1e-3
 N_TEACHER = 128
@@ -152,13 +152,28 @@ def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, fla
     max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} batched prefill n_batch={n_batch}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
+    # only the last position's logits: llama.cpp then runs the last layer on that position alone
+    llm = ubatch_oracle(smollm2, kv_type, flash, n_batch, logits_all=False)
+    try:
+        llm.eval(tokens)
+        ref_last = last_logits(llm)
+    finally:
+        llm.close()
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True,
+                      n_batch=n_batch) as m:
+        last = m.eval(tokens, all_logits=False)
+    assert last.shape == (1, m.config.vocab)
+    max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} batched prefill n_batch={n_batch}, last logits only",
+                            last, ref_last[None])
+    assert agree == 1.0 and max_abs <= BOUND
 
 
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
 def test_greedy_after_batched_prompt_identical_text(smollm2, kv_type, flash):
-    """llama.cpp's default way of generating: the prompt as one batch, then one token a step."""
+    """llama.cpp's default way of generating: the prompt as one batch whose last position alone gets
+    logits, then one token a step."""
     prompt = "The capital of France is"
-    llm = ubatch_oracle(smollm2, kv_type, flash, 512)
+    llm = ubatch_oracle(smollm2, kv_type, flash, 512, logits_all=False)
     try:
         ref_text = oracle_greedy_text(llm, llm.tokenize(prompt.encode(), add_bos=False), 64)
     finally:

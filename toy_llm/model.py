@@ -66,22 +66,27 @@ class Model:
         """Forget the context: the next eval starts at position 0."""
         self.n_past = 0
 
-    def eval(self, tokens) -> np.ndarray:
-        """Logits float32 [len(tokens), vocab] of each new position; the cache advances."""
+    def eval(self, tokens, all_logits: bool = True) -> np.ndarray:
+        """Logits float32 [len(tokens), vocab] of each new position; the cache advances.
+
+        ``all_logits=False`` returns only the last position's [1, vocab]; with ``n_batch > 1`` the
+        batches then skip the rest of the last layer and the output matrix for the other
+        positions, as llama.cpp does for a prompt (generate uses this)."""
         tokens = [int(t) for t in tokens]
         if self.n_past + len(tokens) > self.cache.max_T:
             raise ValueError(f"context full: n_past={self.n_past} + {len(tokens)} tokens > max_T={self.cache.max_T}")
-        out = np.empty((len(tokens), self.config.vocab), dtype=np.float32)
         if self.n_batch > 1 and len(tokens) > 1:
+            parts = []
             for i in range(0, len(tokens), self.n_batch):   # chunks, as llama.cpp's ubatches
                 chunk = tokens[i:i + self.n_batch]
-                out[i:i + len(chunk)] = self.cache.step_batch(chunk, self.n_past)
+                parts.append(self.cache.step_batch(chunk, self.n_past, all_logits=all_logits))
                 self.n_past += len(chunk)
-            return out
+            return np.concatenate(parts) if all_logits else parts[-1]
+        out = np.empty((len(tokens), self.config.vocab), dtype=np.float32)
         for i, tok in enumerate(tokens):
             out[i] = self.cache.step(tok, self.n_past)
             self.n_past += 1
-        return out
+        return out if all_logits else out[-1:]
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 40, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
@@ -113,7 +118,7 @@ class Model:
         eog = set(self.tokenizer.eog_ids)
         self.reset()
         t0 = time.perf_counter()
-        logits = self.eval(ids)[-1]
+        logits = self.eval(ids, all_logits=False)[-1]
         t_prompt = time.perf_counter() - t0
         history = list(ids)
         out_ids: list[int] = []

@@ -151,6 +151,7 @@ class SmolLM2KVFFICache:
         self._last_trace: dict[str, np.ndarray] = {}
         self._t_kq_masks: dict[int, object] = {}
         self._t_kv_row = None      # replayed graphs: the cache row a step writes is an input
+        self._t_out_rows = None    # batches: the positions whose logits are wanted (None: all)
         self._replay = None        # (padded KV length, step result) of the graph built for replay
         self.kv_pad = LLAMA_KV_PAD
         self.t_k_hadamard = None
@@ -556,7 +557,7 @@ class SmolLM2KVFFICache:
             t_concat = self._attention_per_head(t_h, blk, t_pos, pos, scale, bytes_d_head, bytes_d_head_k,
                                                 bytes_d_head_v, bytes_max_T, tag, layer_idx)
         t_concat = self.trace_tap(tag + "concat", t_concat)
-        return self._block_tail(t_x, blk, t_concat, eps, tag)
+        return self._block_tail(t_x, blk, t_concat, eps, tag, last_layer=layer_idx == self.n_layers - 1)
 
     def _attention_per_head(self, t_h, blk, t_pos, pos, scale, bytes_d_head, bytes_d_head_k, bytes_d_head_v,
                             bytes_max_T, tag, layer_idx):
@@ -657,11 +658,16 @@ class SmolLM2KVFFICache:
         tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_k, k_slot))
         tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_v, v_slot))
 
-    def _block_tail(self, t_x, blk, t_concat, eps, tag):
+    def _block_tail(self, t_x, blk, t_concat, eps, tag, last_layer=False):
         """Output projection, residual, FFN (dense or routed), residual: the same for every builder."""
         sess = self.sess
         t_attn = tnn.tnn_matmul(sess, blk.t_w_o, t_concat)
         t_attn = self.trace_tap(tag + "attn_out", t_attn)
+        if last_layer and self._t_out_rows is not None:
+            # llama.cpp (inp_out_ids): the last layer goes on only with the positions whose logits
+            # are wanted, from right after the attention output
+            t_attn = tnn.tnn_get_rows(sess, t_attn, self._t_out_rows)
+            t_x = tnn.tnn_get_rows(sess, t_x, self._t_out_rows)
         if self.has_post_norms:
             t_attn = tnn.tnn_rms_norm(sess, t_attn, blk.t_post_attn_norm_gamma, eps)
             t_attn = self.trace_tap(tag + "post_attn_norm", t_attn)
@@ -886,9 +892,11 @@ class SmolLM2KVFFICache:
             self._last_trace = {name: tnn.download(self.sess, t) for name, t in self._taps}
         return tnn.download(self.sess, res.t_logits).reshape(-1)
 
-    def step_batch(self, token_ids, pos0: int) -> np.ndarray:
+    def step_batch(self, token_ids, pos0: int, all_logits: bool = True) -> np.ndarray:
         """Prefill: ``token_ids`` at positions pos0, pos0+1, ... in one fused-heads graph, as
-        llama.cpp computes one ubatch; logits [len(token_ids), vocab]. The cache advances."""
+        llama.cpp computes one ubatch; logits [len(token_ids), vocab], or with ``all_logits=False``
+        only the last position's [1, vocab] (the last layer then runs on that position alone, as
+        llama.cpp's does when it outputs only the last logits). The cache advances."""
         if not self.fused_heads or not self.kv_pad:
             raise RuntimeError("step_batch: needs the fused-heads builder (enable_fused_heads)")
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -909,8 +917,14 @@ class SmolLM2KVFFICache:
         self._t_kq_masks = {w: tnn.tnn_input_4d(self.sess, mask_type, length, n, 1, 1)
                             for w in {self._layer_window(li) for li in range(self.n_layers)}}
         self._t_kv_row = tnn.tnn_input_1d_i32(self.sess, n)
-        res = self.build_decode_step(last, n_tokens=n)
+        self._t_out_rows = None if all_logits or n == 1 else tnn.tnn_input_1d_i32(self.sess, 1)
+        try:
+            res = self.build_decode_step(last, n_tokens=n)
+        finally:
+            t_out_rows, self._t_out_rows = self._t_out_rows, None
         tnn.tnn_realize(self.sess, res.t_logits)
+        if t_out_rows is not None:
+            tnn.upload(self.sess, t_out_rows, np.array([n - 1], np.int32))
         positions = np.arange(pos0, pos0 + n, dtype=np.int32)
         for window, t_mask in self._t_kq_masks.items():
             mask = np.stack([self._kq_mask(int(p), window, length) for p in positions])
@@ -921,7 +935,7 @@ class SmolLM2KVFFICache:
         tnn.tnn_compute(self.sess)
         if self._trace:
             self._last_trace = {name: tnn.download(self.sess, t) for name, t in self._taps}
-        return tnn.download(self.sess, res.t_logits).reshape(n, self.vocab_size)
+        return tnn.download(self.sess, res.t_logits).reshape(-1, self.vocab_size)
 
     def _step_replayed(self, token_id: int, pos: int) -> np.ndarray:
         """A step of the fused-heads graph, built once per padded KV length (every 256 positions) and
