@@ -70,7 +70,7 @@ TOY_LLM_TEST_BACKEND=$BACKEND TNN_TEST_EXAMPLES=0.25 $PY -m pytest -q -s -p no:c
 
 step "decode speed, synthetic llama Q4_K (tiny: launch-bound, not a model figure)"
 for b in cpu $BACKEND; do
-    for graph in "" --fused-heads; do
+    for graph in "" --fused-heads "--fused-heads --batch 128"; do
         $PY -m toy_llm bench -m .device/cases/llama.Q4_K.gguf --backend "$b" -n 64 $graph 2>&1 | grep -v "call overhead"
     done
 done
