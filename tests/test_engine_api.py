@@ -267,3 +267,19 @@ def test_batched_eval_says_what_it_cannot_do(llama_path):
         with pytest.raises(ValueError, match="context full"):
             m.eval([65] * 17)
         assert m.eval([65, 66, 67]).shape == (3, m.config.vocab)     # and it still works
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
+def test_fused_heads_traced_steps_match_replayed_ones(llama_path, kv_type):
+    """Tracing rebuilds the fused graph every step (a tap per tensor) instead of replaying it, and
+    writes the cache with copies instead of set_rows: the same logits either way."""
+    tokens = [65, 66, 67, 68, 69, 70]
+    with toy_llm.load(llama_path, max_T=64, kv_type=kv_type, fused_heads=True) as m:
+        replayed = m.eval(tokens)
+        m.reset()
+        m.cache.enable_trace()
+        traced = m.eval(tokens)
+        taps = m.cache.dump_trace()
+    np.testing.assert_array_equal(traced, replayed)
+    assert taps["L0.q_all_rot"].size == m.config.n_heads * m.config.head_dim
+    assert taps["logits"].size == m.config.vocab

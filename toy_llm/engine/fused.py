@@ -66,15 +66,19 @@ class FusedHeadsMixin:
         # per head for a quantized one (a quantizing copy needs a contiguous target)
         for t_new, layer, row, typ in ((t_k, blk.t_K_layer, bytes_d_head_k, self.kv_type_k),
                                        (t_v, blk.t_V_layer, bytes_d_head_v, self.kv_type_v)):
+            if layer is blk.t_V_layer and self.v_trans:
+                self._write_v_transposed(layer, t_new, n, pos)
+                continue
             if self._t_kv_row is not None:
                 src = tnn.tnn_reshape_3d(sess, t_new, Dh, 1, G) if n == 1 else \
                     tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, t_new, Dh, G, n), 0, 2, 1, 3)   # [Dh, n, G]
                 tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, layer, src, self._t_kv_row))
                 continue
             heads = [(0, G)] if typ == GGML_TYPE_F32 else [(h, 1) for h in range(G)]
-            for first, n in heads:
-                src = tnn.tnn_view_3d(sess, t_new, Dh, 1, n, Dh * 4, Dh * 4, first * Dh * 4)
-                slot = tnn.tnn_view_3d(sess, layer, Dh, 1, n, row, self.max_T * row, (first * self.max_T + pos) * row)
+            for first, count in heads:
+                src = tnn.tnn_view_3d(sess, t_new, Dh, 1, count, Dh * 4, Dh * 4, first * Dh * 4)
+                slot = tnn.tnn_view_3d(sess, layer, Dh, 1, count, row, self.max_T * row,
+                                       (first * self.max_T + pos) * row)
                 tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, src, slot))
         t_q, scale = self._finish_q(t_q, scale, H * n)
         # [d_head, tokens, heads], as llama.cpp permutes Q
@@ -82,6 +86,19 @@ class FusedHeadsMixin:
             tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, t_q, Dh, H, n), 0, 2, 1, 3)
         t_K_hist, t_V_hist, t_mask = self._kv_history(blk, None, pos, layer_idx, bytes_d_head_k, bytes_d_head_v)
         return self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, tag, False)
+
+    def _write_v_transposed(self, layer, t_v, n: int, pos: int) -> None:
+        """Store n positions' V ([n_kv * d_head, n]) into the transposed cache [max_T, d_head, n_kv]:
+        element e of position p goes to e * max_T + p, as llama.cpp's v_trans set_rows (its indices
+        are an input of a replayed graph); a rebuilt single-position graph copies one strided column."""
+        sess, E = self.sess, self.n_kv * self.d_head
+        if self._t_v_idx is not None:
+            dst = tnn.tnn_reshape_2d(sess, layer, 1, self.max_T * E)
+            tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, dst, tnn.tnn_reshape_2d(sess, t_v, 1, E * n),
+                                                        self._t_v_idx))
+        else:
+            slot = tnn.tnn_view_2d(sess, layer, 1, E, self.max_T * 4, pos * 4)
+            tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_v, slot))
 
     def step_batch(self, token_ids, pos0: int, all_logits: bool = True) -> np.ndarray:
         """Prefill: ``token_ids`` at positions pos0, pos0+1, ... in one fused-heads graph, as
@@ -128,6 +145,7 @@ class FusedHeadsMixin:
         self._t_kq_masks = {w: tnn.tnn_input_4d(self.sess, mask_type, length, n, 1, 1)
                             for w in {self._layer_window(li) for li in range(self.n_layers)}}
         self._t_kv_row = tnn.tnn_input_1d_i32(self.sess, n)
+        self._t_v_idx = tnn.tnn_input_1d_i32(self.sess, self.n_kv * self.d_head * n) if self.v_trans else None
         self._t_out_rows = tnn.tnn_input_1d_i32(self.sess, 1) if last_only else None
         try:
             res = self.build_decode_step(last_pos, n_tokens=n)
@@ -147,5 +165,8 @@ class FusedHeadsMixin:
         tnn.upload(self.sess, res.t_token_id, ids.astype(np.int32))
         tnn.upload(self.sess, res.t_pos, positions)
         tnn.upload(self.sess, self._t_kv_row, positions)
+        if self._t_v_idx is not None:
+            elements = np.arange(self.n_kv * self.d_head, dtype=np.int32) * self.max_T
+            tnn.upload(self.sess, self._t_v_idx, (elements[None, :] + positions[:, None]).reshape(-1))
         tnn.tnn_compute(self.sess)
         return tnn.download(self.sess, res.t_logits).reshape(-1, self.vocab_size)

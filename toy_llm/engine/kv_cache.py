@@ -2,7 +2,8 @@
 
 One instance owns a libtinynn session, the persistent weights (mapped from the
 GGUF or copied into the session), and the K/V cache (one [d_head, max_T, n_kv]
-tensor per layer, with a view per KV head). It builds the seed's *per-head*
+tensor per layer, V transposed to [max_T, d_head, n_kv] for plain attention on an
+F32 cache as llama.cpp's v_trans, with a view per KV head). It builds the seed's *per-head*
 decode graph one position at a time: every query head is its own matmul ->
 rope -> attention chain, so every intermediate is a visible, nameable tensor
 (``enable_trace``). Beside it, ``enable_fused_heads`` builds each layer with all
@@ -153,6 +154,8 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
         self._t_kq_masks: dict[int, object] = {}
         self._t_kv_row = None      # replayed graphs: the cache row a step writes is an input
         self._t_out_rows = None    # batches: the positions whose logits are wanted (None: all)
+        self._t_v_idx = None       # replayed graphs with a transposed V cache: the elements a step writes
+        self.v_trans = False       # V cached transposed (plain attention on an F32 cache), set at realize
         self._replay = None        # (padded KV length, step result) of the graph built for replay
         self.kv_pad = LLAMA_KV_PAD
         self.t_k_hadamard = None
@@ -363,6 +366,16 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
             return layer, [tnn.tnn_view_2d_persistent(self.sess, layer, Dh, self.max_T, row, h * self.max_T * row)
                            for h in range(self.n_kv)]
 
+        def v_cache_transposed():
+            """llama.cpp (v_trans) keeps V transposed for plain attention: [max_T, d_head, n_kv], each
+            KV head's view [max_T, d_head], so attention multiplies by V without copying it."""
+            layer = tnn.tnn_input_3d_persistent_typed(self.sess, self.max_T, Dh, self.n_kv, GGML_TYPE_F32)
+            head = self.max_T * Dh * 4
+            return layer, [tnn.tnn_view_2d_persistent(self.sess, layer, self.max_T, Dh, self.max_T * 4, h * head)
+                           for h in range(self.n_kv)]
+
+        self.v_trans = not self.use_flash_attn and self.kv_type_v == GGML_TYPE_F32
+
         self.kv_blocks_ffi = [SmolLM2KVBlockFFI() for _ in range(self.n_layers)]
         for li, blk in enumerate(self.kv_blocks_ffi):
             p = f"blk.{li}"
@@ -379,7 +392,7 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
             blk.t_w_k = [head(li, "k", h) for h in range(self.n_kv)]
             blk.t_w_v = [head(li, "v", h) for h in range(self.n_kv)]
             blk.t_K_layer, blk.t_K = kv_cache(self.kv_type_k)
-            blk.t_V_layer, blk.t_V = kv_cache(self.kv_type_v)
+            blk.t_V_layer, blk.t_V = v_cache_transposed() if self.v_trans else kv_cache(self.kv_type_v)
             if self.has_qkv_bias:  # each head's d_head piece of the fused bias
                 bias = lambda which, h: w.tensor(Slice(f"{p}.attn_{which}.bias", 1, Dh, elem0=h * Dh), "f32")  # noqa: E731
                 blk.t_b_q = [bias("q", h) for h in range(self.n_heads)]
@@ -593,7 +606,10 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
         in when the cache is Q8_0. Added to the graph now, so they run before attention reads them."""
         sess = self.sess
         k_slot = tnn.tnn_view_2d(sess, blk.t_K[hkv], self.d_head, 1, bytes_d_head_k, pos * bytes_d_head_k)
-        v_slot = tnn.tnn_view_2d(sess, blk.t_V[hkv], self.d_head, 1, bytes_d_head_v, pos * bytes_d_head_v)
+        if self.v_trans:    # column `pos` of the transposed [max_T, d_head] view
+            v_slot = tnn.tnn_view_2d(sess, blk.t_V[hkv], 1, self.d_head, self.max_T * 4, pos * 4)
+        else:
+            v_slot = tnn.tnn_view_2d(sess, blk.t_V[hkv], self.d_head, 1, bytes_d_head_v, pos * bytes_d_head_v)
         tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_k, k_slot))
         tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_v, v_slot))
 
@@ -698,7 +714,8 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
         return t_q, scale
 
     def _kv_history(self, blk, hkv, pos, layer_idx, bytes_d_head_k, bytes_d_head_v):
-        """Views [d_head, length, heads] of the cached K and V that position ``pos`` attends over,
+        """Views [d_head, length, heads] of the cached K and V (V^T [length, d_head, heads] when the
+        cache keeps V transposed) that position ``pos`` attends over,
         for KV head ``hkv`` (heads = 1) or every KV head (``hkv=None``), and the mask
         to apply (None: the views hold exactly the attended positions)."""
         window = self._layer_window(layer_idx)
@@ -716,7 +733,12 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
         def hist(layer, row):
             return tnn.tnn_view_3d(self.sess, layer, self.d_head, hist_count, heads, row, self.max_T * row,
                                    (first * self.max_T + hist_start) * row)
-        return hist(blk.t_K_layer, bytes_d_head_k), hist(blk.t_V_layer, bytes_d_head_v), t_mask
+        if self.v_trans:    # V^T [length, d_head, heads] straight from the transposed cache
+            t_V_hist = tnn.tnn_view_3d(self.sess, blk.t_V_layer, hist_count, self.d_head, heads, self.max_T * 4,
+                                       self.max_T * self.d_head * 4, (first * self.d_head * self.max_T + hist_start) * 4)
+        else:
+            t_V_hist = hist(blk.t_V_layer, bytes_d_head_v)
+        return hist(blk.t_K_layer, bytes_d_head_k), t_V_hist, t_mask
 
     def _attend(self, t_q, t_K_hist, t_V_hist, t_mask, scale, tag, tap):
         """softmax(K q * scale + mask) V, as llama.cpp's build_attn_mha.
@@ -751,7 +773,7 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
             t_attn = tnn.tnn_softmax(sess, t_scaled)
         if tap:
             t_attn = self.trace_tap(tag + "softmax", t_attn)
-        t_V_T = tnn.tnn_transpose(sess, t_V_hist)
+        t_V_T = t_V_hist if self.v_trans else tnn.tnn_transpose(sess, t_V_hist)   # [length, d_head, heads]
         t_head = tnn.tnn_matmul(sess, t_V_T, t_attn)                    # [d_head, tokens, heads]
         if tap:
             t_head = self.trace_tap(tag + "head0", t_head)
@@ -813,7 +835,7 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
             return self._step_replayed(int(token_id), pos)
         tnn.tnn_reset_for_rebuild(self.sess)
         self._replay = None
-        self._t_kv_row = None
+        self._t_kv_row = self._t_v_idx = None
         self._taps = []
         self._t_kq_masks = {}
         if self.kv_pad and not self.use_flash_attn:
