@@ -23,24 +23,25 @@ class FusedHeadsMixin:
 
     def enable_fused_heads(self) -> None:
         """Build each layer's attention with all heads in one tensor (one Q/K/V matmul, one rope,
-        one attention per KV head for its whole query group) instead of the seed's chain per query
-        head: the same numbers in ~1/4 of the graph nodes. Shares the weights' file bytes and the
-        KV cache with the per-head builder; call before realize."""
+        one attention op for every head) instead of the seed's chain per query head: the same
+        numbers in ~1/4 of the graph nodes. Shares the weights' file bytes and the KV cache with
+        the per-head builder; call before realize."""
         if self.lora_q_enabled:
             raise RuntimeError("enable_fused_heads: LoRA-Q adapters are per head; use the per-head graph")
         self.fused_heads = True
 
     def _attention_fused(self, t_h, blk, t_pos, pos, scale, bytes_d_head_k, bytes_d_head_v, tag, layer_idx):
-        """All heads at once, as llama.cpp's graph: one projection, norm and rope for all Q (and all K),
-        then one attention per KV head for its whole group of query heads (ggml broadcasts the KV
-        head over the group). Every head sees the same ops on the same numbers as in the per-head
-        graph, so the logits are the same; returns the heads joined [H*d_head, 1]."""
+        """All heads of the graph's tokens at once, as llama.cpp's graph: one projection, norm and rope
+        for all Q (and all K), then one attention op (ggml broadcasts each KV head over its group of
+        query heads). Every head sees the same ops on the same numbers as in the per-head graph, so
+        the logits are the same; returns the heads joined [H*d_head, tokens]."""
         sess, Dh, H, G = self.sess, self.d_head, self.n_heads, self.n_kv
+        n = tnn.tnn_tensor_ne(t_h, 1)                                   # tokens in this graph
         if blk.t_w_q_all is None:
             raise RuntimeError("fused-heads graph: this cache was realized without the whole Q/K/V "
                                "projections; call enable_fused_heads before realize")
-        t_q = self._project(blk.t_w_q_all, blk.t_b_q_all, t_h)          # [H*Dh, 1]
-        t_k = self._project(blk.t_w_k_all, blk.t_b_k_all, t_h)          # [G*Dh, 1]
+        t_q = self._project(blk.t_w_q_all, blk.t_b_q_all, t_h)          # [H*Dh, n]
+        t_k = self._project(blk.t_w_k_all, blk.t_b_k_all, t_h)          # [G*Dh, n]
         t_v = self._project(blk.t_w_v_all, blk.t_b_v_all, t_h)
         t_k = self.trace_tap(tag + "k_all_pre", t_k)
         if self.has_qk_norm:
@@ -48,12 +49,10 @@ class FusedHeadsMixin:
                 t_q = tnn.tnn_rms_norm(sess, t_q, blk.t_q_norm_gamma, self.rms_eps)
                 t_k = tnn.tnn_rms_norm(sess, t_k, blk.t_k_norm_gamma, self.rms_eps)
             else:                          # each head's row
-                n_tok = tnn.tnn_tensor_ne(t_h, 1)
-                t_q = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_q, Dh, H * n_tok), blk.t_q_norm_gamma,
+                t_q = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_q, Dh, H * n), blk.t_q_norm_gamma,
                                        self.rms_eps)
-                t_k = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_k, Dh, G * n_tok), blk.t_k_norm_gamma,
+                t_k = tnn.tnn_rms_norm(sess, tnn.tnn_reshape_2d(sess, t_k, Dh, G * n), blk.t_k_norm_gamma,
                                        self.rms_eps)
-        n = tnn.tnn_tensor_ne(t_h, 1)                                   # tokens in this graph
         t_q = self._rope(tnn.tnn_reshape_3d(sess, t_q, Dh, H, n), t_pos, layer_idx)
         t_k = self._rope(tnn.tnn_reshape_3d(sess, t_k, Dh, G, n), t_pos, layer_idx)
         t_q = self.trace_tap(tag + "q_all_rot", t_q)
@@ -61,9 +60,10 @@ class FusedHeadsMixin:
             t_k = self._hadamard(t_k, self.t_k_hadamard, G * n)
         if self.t_v_hadamard is not None:
             t_v = self._hadamard(t_v, self.t_v_hadamard, G * n)
-        # the new K (and V) of every KV head into row `pos` of the n_kv head blocks. A replayed graph
-        # takes the row as an input (set_rows); otherwise one strided copy for an F32 cache, and one
-        # per head for a quantized one (a quantizing copy needs a contiguous target)
+        # the new K (and V) of every KV head into the cache. Replayed and batched graphs take the rows
+        # as an input (set_rows); a rebuilt single-position graph (tracing) copies into row `pos`: one
+        # strided copy for an F32 cache, one per head for a quantized one (a quantizing copy needs a
+        # contiguous target)
         for t_new, layer, row, typ in ((t_k, blk.t_K_layer, bytes_d_head_k, self.kv_type_k),
                                        (t_v, blk.t_V_layer, bytes_d_head_v, self.kv_type_v)):
             if layer is blk.t_V_layer and self.v_trans:
