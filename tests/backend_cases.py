@@ -45,11 +45,9 @@ def case_name(family: str, wtype: str, kv_type: str, flash: bool) -> str:
     return f"{family}-{wtype}-kv_{kv_type}{'-fa' if flash else ''}"
 
 
-def build_cases(dst: str | os.PathLike, cases=CASES, n_threads: int | None = None) -> Path:
+def build_cases(dst: str | os.PathLike, cases=CASES) -> Path:
     """Write the models and llama.cpp's reference numbers for ``cases`` under ``dst``."""
-    import llama_cpp as lc
-
-    from oracle import KV_GGML_TYPE, oracle_greedy, oracle_logits
+    from oracle import oracle_greedy, oracle_logits, ubatch_oracle
     from toy_llm.testing import synthetic
 
     dst = Path(dst)
@@ -62,9 +60,7 @@ def build_cases(dst: str | os.PathLike, cases=CASES, n_threads: int | None = Non
         path = f32 if wtype == "F32" else dst / f"{family}.{wtype}.gguf"
         if not path.exists():
             synthetic.quantize(f32, path, wtype)
-        llm = lc.Llama(str(path), n_ctx=256, n_batch=1, n_ubatch=1, logits_all=True, verbose=False,
-                       n_threads=n_threads or os.cpu_count(), type_k=KV_GGML_TYPE[kv_type],
-                       type_v=KV_GGML_TYPE[kv_type], flash_attn=flash)
+        llm = ubatch_oracle(path, kv_type, flash, n_ctx=256)
         try:
             tokens = llm.tokenize(synthetic.CORPUS.encode(), add_bos=False)[:N_POS]
             prompt = llm.tokenize(GREEDY_PROMPT.encode(), add_bos=False)

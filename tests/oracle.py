@@ -44,11 +44,27 @@ def ubatch_oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_batch:
 
 
 def ubatch_logits(path, tokens, kv_type: str = "f32", flash_attn: bool = False, n_batch: int = 1,
-                  n_ctx: int = 512) -> np.ndarray:
-    """llama.cpp's logits [len(tokens), vocab], evaluated in ubatches of ``n_batch`` positions."""
-    llm = ubatch_oracle(path, kv_type, flash_attn, n_batch, n_ctx)
+                  n_ctx: int = 512, last_only: bool = False) -> np.ndarray:
+    """llama.cpp's logits [len(tokens), vocab], evaluated in ubatches of ``n_batch`` positions; with
+    ``last_only``, [1, vocab] of the last position computed without logits_all (llama.cpp then
+    finishes the last layer for that position alone)."""
+    llm = ubatch_oracle(path, kv_type, flash_attn, n_batch, n_ctx, logits_all=not last_only)
     try:
+        if last_only:
+            llm.eval(list(tokens))
+            return last_logits(llm)[None]
         return oracle_logits(llm, tokens)
+    finally:
+        llm.close()
+
+
+def greedy_reference(path, prompt: str, n: int, add_bos: bool = False, **oracle_kw) -> tuple[list[int], str]:
+    """llama.cpp's tokens for ``prompt`` and its greedy continuation of them as text (n tokens at most);
+    ``oracle_kw`` as for ubatch_oracle."""
+    llm = ubatch_oracle(path, **oracle_kw)
+    try:
+        ids = llm.tokenize(prompt.encode(), add_bos=add_bos)
+        return ids, oracle_greedy_text(llm, ids, n)
     finally:
         llm.close()
 

@@ -127,7 +127,7 @@ def test_carried_cases_rebuild_their_f32_files(tmp_path):
 
     from toy_llm.gguf_load import load_config
 
-    backend_cases.build_cases(tmp_path, cases=[("llama", "F32", "f32", False)], n_threads=2)
+    backend_cases.build_cases(tmp_path, cases=[("llama", "F32", "f32", False)])
     (tmp_path / "llama.F32.gguf").unlink()
     (c,) = backend_cases.load_cases(tmp_path)
     assert c["gguf"].exists() and len(c["tokens"]) == backend_cases.N_POS

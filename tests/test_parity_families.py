@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import toy_llm
-from oracle import last_logits, oracle_greedy_text, report, ubatch_logits, ubatch_oracle
+from oracle import greedy_reference, report, ubatch_logits
 
 synthetic = pytest.importorskip("toy_llm.testing.synthetic")
 lc = pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
@@ -97,12 +97,7 @@ def test_batched_prefill_matches_llama_cpp_batched(model_dir, family, wtype, kv_
         assert agree == 1.0
         assert max_abs <= BOUND
     # only the last position's logits (the last layer runs on it alone, llama.cpp's inp_out_ids)
-    llm = ubatch_oracle(path, kv_type, flash, 20, n_ctx=256, logits_all=False)
-    try:
-        llm.eval(tokens)
-        ref_last = last_logits(llm)[None]
-    finally:
-        llm.close()
+    ref_last = ubatch_logits(path, tokens, kv_type, flash, 20, n_ctx=256, last_only=True)
     with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=20) as m:
         last = m.eval(tokens, all_logits=False)
     max_abs, agree = report(f"{family} {wtype} kv={kv_type} batched n_batch=20, last logits only", last, ref_last)
@@ -166,12 +161,7 @@ def test_copy_loader_converts_weight_types(model_dir, src_type, weight_type):
 def test_greedy_32_tokens_identical(model_dir, family):
     path = model_file(model_dir, family, "Q4_K")
     prompt = "The river ran quietly past the old mill"
-    llm = ubatch_oracle(path, n_ctx=256)
-    try:
-        ids = llm.tokenize(prompt.encode(), add_bos=False)
-        ref_text = oracle_greedy_text(llm, ids, 32)
-    finally:
-        llm.close()
+    _, ref_text = greedy_reference(path, prompt, 32, n_ctx=256)
     with toy_llm.load(path, max_T=256) as m:
         text = m.generate(prompt, max_new_tokens=32)
     print(f"\n[greedy] {family}: {text!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import toy_llm
-from oracle import PARITY_TEXT, oracle_greedy_text, oracle_logits, report, ubatch_oracle
+from oracle import PARITY_TEXT, greedy_reference, report, ubatch_logits, ubatch_oracle
 
 lc = pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
 BOUND = 1e-3
@@ -24,15 +24,20 @@ def gemma3():
     return fetch("gemma3-270m")
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
-@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
-def test_gemma3_teacher_forced_logits(gemma3, kv_type, flash, fused):
-    llm = ubatch_oracle(gemma3, kv_type, flash, n_ctx=256)
+@pytest.fixture(scope="module")
+def tokens(gemma3):
+    """48 teacher-forcing tokens, tokenized by llama.cpp itself (with Gemma's BOS)."""
+    llm = ubatch_oracle(gemma3, n_ctx=64)
     try:
-        tokens = llm.tokenize(PARITY_TEXT.encode(), add_bos=True)[:48]
-        ref = oracle_logits(llm, tokens)
+        return llm.tokenize(PARITY_TEXT.encode(), add_bos=True)[:48]
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
+@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+def test_gemma3_teacher_forced_logits(gemma3, tokens, kv_type, flash, fused):
+    ref = ubatch_logits(gemma3, tokens, kv_type, flash, n_ctx=256)
     with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
         assert m.tokenize(PARITY_TEXT)[:48] == tokens
         ours = m.eval(tokens)
@@ -43,12 +48,7 @@ def test_gemma3_teacher_forced_logits(gemma3, kv_type, flash, fused):
 
 def test_gemma3_greedy_32_tokens(gemma3):
     prompt = "The capital of France is"
-    llm = ubatch_oracle(gemma3, n_ctx=256)
-    try:
-        ids = llm.tokenize(prompt.encode(), add_bos=True)
-        ref_text = oracle_greedy_text(llm, ids, 32)
-    finally:
-        llm.close()
+    ids, ref_text = greedy_reference(gemma3, prompt, 32, add_bos=True, n_ctx=256)
     with toy_llm.load(gemma3, max_T=256) as m:
         assert m.tokenize(prompt) == ids
         text = m.generate(prompt, max_new_tokens=32)
@@ -57,14 +57,9 @@ def test_gemma3_greedy_32_tokens(gemma3):
 
 
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
-def test_gemma3_batched_prefill(gemma3, kv_type, flash):
+def test_gemma3_batched_prefill(gemma3, tokens, kv_type, flash):
     """48 positions in one fused-heads graph against llama.cpp's one ubatch of 48."""
-    llm = ubatch_oracle(gemma3, kv_type, flash, 48, n_ctx=256)
-    try:
-        tokens = llm.tokenize(PARITY_TEXT.encode(), add_bos=True)[:48]
-        ref = oracle_logits(llm, tokens)
-    finally:
-        llm.close()
+    ref = ubatch_logits(gemma3, tokens, kv_type, flash, 48, n_ctx=256)
     with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=48) as m:
         ours = m.eval(tokens)
     max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type} batched prefill", ours, ref)

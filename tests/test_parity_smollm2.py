@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import toy_llm
-from oracle import PARITY_TEXT, last_logits, oracle, oracle_greedy_text, report, ubatch_logits, ubatch_oracle
+from oracle import PARITY_TEXT, greedy_reference, oracle, report, ubatch_logits
 
 BOUND = 1e-3
 N_TEACHER = 128
@@ -69,12 +69,7 @@ def test_teacher_forced_logits_match_llama_cpp(smollm2, tokens, kv_type, flash, 
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
 def test_greedy_64_tokens_identical_text(smollm2, kv_type, flash, fused):
     prompt = "The capital of France is"
-    llm = ubatch_oracle(smollm2, kv_type, flash)
-    try:
-        prompt_ids = llm.tokenize(prompt.encode(), add_bos=False)
-        ref_text = oracle_greedy_text(llm, prompt_ids, 64)
-    finally:
-        llm.close()
+    prompt_ids, ref_text = greedy_reference(smollm2, prompt, 64, kv_type=kv_type, flash_attn=flash)
     with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
         assert m.tokenize(prompt) == prompt_ids
         text = m.generate(prompt, max_new_tokens=64)
@@ -153,18 +148,13 @@ def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, fla
     assert agree == 1.0
     assert max_abs <= BOUND
     # only the last position's logits: llama.cpp then runs the last layer on that position alone
-    llm = ubatch_oracle(smollm2, kv_type, flash, n_batch, logits_all=False)
-    try:
-        llm.eval(tokens)
-        ref_last = last_logits(llm)
-    finally:
-        llm.close()
+    ref_last = ubatch_logits(smollm2, tokens, kv_type, flash, n_batch, last_only=True)
     with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True,
                       n_batch=n_batch) as m:
         last = m.eval(tokens, all_logits=False)
     assert last.shape == (1, m.config.vocab)
     max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} batched prefill n_batch={n_batch}, last logits only",
-                            last, ref_last[None])
+                            last, ref_last)
     assert agree == 1.0 and max_abs <= BOUND
 
 
@@ -173,11 +163,8 @@ def test_greedy_after_batched_prompt_identical_text(smollm2, kv_type, flash):
     """llama.cpp's default way of generating: the prompt as one batch whose last position alone gets
     logits, then one token a step."""
     prompt = "The capital of France is"
-    llm = ubatch_oracle(smollm2, kv_type, flash, 512, logits_all=False)
-    try:
-        ref_text = oracle_greedy_text(llm, llm.tokenize(prompt.encode(), add_bos=False), 64)
-    finally:
-        llm.close()
+    _, ref_text = greedy_reference(smollm2, prompt, 64, kv_type=kv_type, flash_attn=flash, n_batch=512,
+                                   logits_all=False)
     with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=512) as m:
         text = m.generate(prompt, max_new_tokens=64)
     print(f"\n[greedy] batched prompt, kv={kv_type}: llama.cpp {ref_text!r}\n"

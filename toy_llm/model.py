@@ -26,13 +26,14 @@ LOADERS = ("mmap", "copy")
 class Model:
     """A loaded model: its config, tokenizer, and the engine cache holding weights + KV."""
 
-    def __init__(self, path: Path, config: ModelConfig, cache: SmolLM2KVFFICache, tokenizer: Tokenizer):
+    def __init__(self, path: Path, config: ModelConfig, cache: SmolLM2KVFFICache, tokenizer: Tokenizer,
+                 n_batch: int = 1):
         self.path = path
         self.config = config
         self.cache = cache
         self.tokenizer = tokenizer
         self.n_past = 0
-        self.n_batch = 1             # positions per graph in eval (load(n_batch=...))
+        self.n_batch = int(n_batch)  # positions per graph when eval takes a prompt
         self.last_stats: dict[str, float] = {}
 
     # ---------------------------------------------------------------- text
@@ -237,6 +238,4 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
         cache.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,
                           cfg.rope_base, cfg.rms_eps, cfg.untied_output, cfg.qkv_bias, d_head=cfg.head_dim)
         cache.load_weights(str(path), progress=progress)
-    model = Model(path, cfg, cache, tok)
-    model.n_batch = int(n_batch)
-    return model
+    return Model(path, cfg, cache, tok, n_batch)

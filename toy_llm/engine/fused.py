@@ -60,26 +60,20 @@ class FusedHeadsMixin:
             t_k = self._hadamard(t_k, self.t_k_hadamard, G * n)
         if self.t_v_hadamard is not None:
             t_v = self._hadamard(t_v, self.t_v_hadamard, G * n)
-        # the new K (and V) of every KV head into the cache. Replayed and batched graphs take the rows
-        # as an input (set_rows); a rebuilt single-position graph (tracing) copies into row `pos`: one
-        # strided copy for an F32 cache, one per head for a quantized one (a quantizing copy needs a
-        # contiguous target)
-        for t_new, layer, row, typ in ((t_k, blk.t_K_layer, bytes_d_head_k, self.kv_type_k),
-                                       (t_v, blk.t_V_layer, bytes_d_head_v, self.kv_type_v)):
-            if layer is blk.t_V_layer and self.v_trans:
-                self._write_v_transposed(layer, t_new, n, pos)
-                continue
-            if self._t_kv_row is not None:
-                src = tnn.tnn_reshape_3d(sess, t_new, Dh, 1, G) if n == 1 else \
-                    tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, t_new, Dh, G, n), 0, 2, 1, 3)   # [Dh, n, G]
-                tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, layer, src, self._t_kv_row))
-                continue
-            heads = [(0, G)] if typ == GGML_TYPE_F32 else [(h, 1) for h in range(G)]
-            for first, count in heads:
-                src = tnn.tnn_view_3d(sess, t_new, Dh, 1, count, Dh * 4, Dh * 4, first * Dh * 4)
-                slot = tnn.tnn_view_3d(sess, layer, Dh, 1, count, row, self.max_T * row,
-                                       (first * self.max_T + pos) * row)
-                tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, src, slot))
+        # the new K and V of every KV head into the cache: rows given as inputs (set_rows) in replayed
+        # and batched graphs; a rebuilt single-position graph (tracing) writes each head at `pos` as
+        # the per-head graph does
+        if self._t_kv_row is None:
+            row = Dh * 4
+            for h in range(G):
+                self._write_kv(blk, h, tnn.tnn_view_2d(sess, t_k, Dh, 1, row, h * row),
+                               tnn.tnn_view_2d(sess, t_v, Dh, 1, row, h * row), pos, bytes_d_head_k, bytes_d_head_v)
+        else:
+            self._set_cache_rows(blk.t_K_layer, t_k, n)
+            if self.v_trans:
+                self._set_v_transposed(blk.t_V_layer, t_v, n)
+            else:
+                self._set_cache_rows(blk.t_V_layer, t_v, n)
         t_q, scale = self._finish_q(t_q, scale, H * n)
         # [d_head, tokens, heads], as llama.cpp permutes Q
         t_q = tnn.tnn_reshape_3d(sess, t_q, Dh, 1, H) if n == 1 else \
@@ -87,18 +81,20 @@ class FusedHeadsMixin:
         t_K_hist, t_V_hist, t_mask = self._kv_history(blk, None, pos, layer_idx, bytes_d_head_k, bytes_d_head_v)
         return self._attend(t_q, t_K_hist, t_V_hist, t_mask, scale, tag, False)
 
-    def _write_v_transposed(self, layer, t_v, n: int, pos: int) -> None:
-        """Store n positions' V ([n_kv * d_head, n]) into the transposed cache [max_T, d_head, n_kv]:
-        element e of position p goes to e * max_T + p, as llama.cpp's v_trans set_rows (its indices
-        are an input of a replayed graph); a rebuilt single-position graph copies one strided column."""
+    def _set_cache_rows(self, layer, t_new, n: int) -> None:
+        """New K (or V) of n positions [n_kv * d_head, n] into rows _t_kv_row of a [d_head, max_T, n_kv] cache."""
+        sess, Dh, G = self.sess, self.d_head, self.n_kv
+        src = tnn.tnn_reshape_3d(sess, t_new, Dh, 1, G) if n == 1 else \
+            tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, t_new, Dh, G, n), 0, 2, 1, 3)   # [Dh, n, G]
+        tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, layer, src, self._t_kv_row))
+
+    def _set_v_transposed(self, layer, t_v, n: int) -> None:
+        """New V of n positions [n_kv * d_head, n] into the transposed cache [max_T, d_head, n_kv]:
+        element e of position p goes to e * max_T + p (_t_v_idx), as llama.cpp's v_trans set_rows."""
         sess, E = self.sess, self.n_kv * self.d_head
-        if self._t_v_idx is not None:
-            dst = tnn.tnn_reshape_2d(sess, layer, 1, self.max_T * E)
-            tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, dst, tnn.tnn_reshape_2d(sess, t_v, 1, E * n),
-                                                        self._t_v_idx))
-        else:
-            slot = tnn.tnn_view_2d(sess, layer, 1, E, self.max_T * 4, pos * 4)
-            tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_v, slot))
+        dst = tnn.tnn_reshape_2d(sess, layer, 1, self.max_T * E)
+        tnn.tnn_add_to_graph(sess, tnn.tnn_set_rows(sess, dst, tnn.tnn_reshape_2d(sess, t_v, 1, E * n),
+                                                    self._t_v_idx))
 
     def step_batch(self, token_ids, pos0: int, all_logits: bool = True) -> np.ndarray:
         """Prefill: ``token_ids`` at positions pos0, pos0+1, ... in one fused-heads graph, as
@@ -119,8 +115,7 @@ class FusedHeadsMixin:
         self._replay = None
         res = self._build_fused(pos0 + n - 1, n, last_only=not all_logits and n > 1)
         logits = self._run_fused(res, ids, np.arange(pos0, pos0 + n, dtype=np.int32))
-        if self._trace:
-            self._last_trace = {name: tnn.download(self.sess, t) for name, t in self._taps}
+        self._collect_trace()
         return logits
 
     def _step_replayed(self, token_id: int, pos: int) -> np.ndarray:
@@ -142,18 +137,15 @@ class FusedHeadsMixin:
         self._taps = []
         length = self._n_kv_padded(last_pos)
         mask_type = GGML_TYPE_F16 if self.use_flash_attn else GGML_TYPE_F32   # flash attention takes F16
-        self._t_kq_masks = {w: tnn.tnn_input_4d(self.sess, mask_type, length, n, 1, 1)
-                            for w in {self._layer_window(li) for li in range(self.n_layers)}}
+        self._t_kq_masks = {w: tnn.tnn_input_4d(self.sess, mask_type, length, n, 1, 1) for w in self.mask_windows}
         self._t_kv_row = tnn.tnn_input_1d_i32(self.sess, n)
         self._t_v_idx = tnn.tnn_input_1d_i32(self.sess, self.n_kv * self.d_head * n) if self.v_trans else None
+        self._v_starts = np.arange(0, self.n_kv * self.d_head * self.max_T, self.max_T, dtype=np.int32)
         self._t_out_rows = tnn.tnn_input_1d_i32(self.sess, 1) if last_only else None
-        try:
-            res = self.build_decode_step(last_pos, n_tokens=n)
-        finally:
-            t_out_rows, self._t_out_rows = self._t_out_rows, None
+        res = self.build_decode_step(last_pos, n_tokens=n)
         tnn.tnn_realize(self.sess, res.t_logits)
-        if t_out_rows is not None:
-            tnn.upload(self.sess, t_out_rows, np.array([n - 1], np.int32))
+        if self._t_out_rows is not None:
+            tnn.upload(self.sess, self._t_out_rows, np.array([n - 1], np.int32))
         return res
 
     def _run_fused(self, res, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -165,8 +157,7 @@ class FusedHeadsMixin:
         tnn.upload(self.sess, res.t_token_id, ids.astype(np.int32))
         tnn.upload(self.sess, res.t_pos, positions)
         tnn.upload(self.sess, self._t_kv_row, positions)
-        if self._t_v_idx is not None:
-            elements = np.arange(self.n_kv * self.d_head, dtype=np.int32) * self.max_T
-            tnn.upload(self.sess, self._t_v_idx, (elements[None, :] + positions[:, None]).reshape(-1))
+        if self._t_v_idx is not None:   # element e of each position's V goes to e * max_T + position
+            tnn.upload(self.sess, self._t_v_idx, (self._v_starts[None, :] + positions[:, None]).reshape(-1))
         tnn.tnn_compute(self.sess)
         return tnn.download(self.sess, res.t_logits).reshape(-1, self.vocab_size)

@@ -155,7 +155,9 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
         self._t_kv_row = None      # replayed graphs: the cache row a step writes is an input
         self._t_out_rows = None    # batches: the positions whose logits are wanted (None: all)
         self._t_v_idx = None       # replayed graphs with a transposed V cache: the elements a step writes
+        self._v_starts = None      # ... and where each V element's row of positions starts
         self.v_trans = False       # V cached transposed (plain attention on an F32 cache), set at realize
+        self.mask_windows: frozenset[int] = frozenset()   # the layers' distinct windows, set at realize
         self._replay = None        # (padded KV length, step result) of the graph built for replay
         self.kv_pad = LLAMA_KV_PAD
         self.t_k_hadamard = None
@@ -453,6 +455,8 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
 
     def _finalize(self) -> None:
         tnn.tnn_finalize_weights(self.sess)
+        # the distinct attention windows of the layers (0 = full): one mask input per window
+        self.mask_windows = frozenset(self._layer_window(li) for li in range(self.n_layers))
         for rot in (self.t_k_hadamard, self.t_v_hadamard):
             if rot is not None:
                 tnn.upload(self.sess, rot, hadamard_matrix(tnn.tnn_tensor_ne(rot, 0)))
@@ -835,12 +839,12 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
             return self._step_replayed(int(token_id), pos)
         tnn.tnn_reset_for_rebuild(self.sess)
         self._replay = None
-        self._t_kv_row = self._t_v_idx = None
+        self._t_kv_row = self._t_v_idx = self._t_out_rows = None
         self._taps = []
         self._t_kq_masks = {}
         if self.kv_pad and not self.use_flash_attn:
             n = self._n_kv_padded(pos)
-            for window in {self._layer_window(li) for li in range(self.n_layers)}:
+            for window in self.mask_windows:
                 self._t_kq_masks[window] = tnn.tnn_input_2d_f32(self.sess, 1, n)
         res = self.build_decode_step(pos)
         tnn.tnn_realize(self.sess, res.t_logits)
@@ -849,9 +853,13 @@ class SmolLM2KVFFICache(FusedHeadsMixin):
         tnn.upload(self.sess, res.t_token_id, np.array([token_id], np.int32))
         tnn.upload(self.sess, res.t_pos, np.array([pos], np.int32))
         tnn.tnn_compute(self.sess)
+        self._collect_trace()
+        return tnn.download(self.sess, res.t_logits).reshape(-1)
+
+    def _collect_trace(self) -> None:
+        """After a compute in trace mode: keep every tap's values for dump_trace."""
         if self._trace:
             self._last_trace = {name: tnn.download(self.sess, t) for name, t in self._taps}
-        return tnn.download(self.sess, res.t_logits).reshape(-1)
 
     def close(self) -> None:
         """Free the session, then the mapping it points into."""
