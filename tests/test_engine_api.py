@@ -283,3 +283,13 @@ def test_fused_heads_traced_steps_match_replayed_ones(llama_path, kv_type):
     np.testing.assert_array_equal(traced, replayed)
     assert taps["L0.q_all_rot"].size == m.config.n_heads * m.config.head_dim
     assert taps["logits"].size == m.config.vocab
+
+
+def test_cli_bench_times_both_engines_on_the_same_file(capsys, llama_path):
+    pytest.importorskip("llama_cpp", reason="--llama-cpp times llama-cpp-python")
+    assert cli_main(["bench", "-m", str(llama_path), "-n", "4", "--fused-heads", "--batch", "16",
+                     "--llama-cpp"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("prompt 128 tokens")]
+    assert len(lines) == 2
+    assert "fused-heads graph" in lines[0] and "(batch 16)" in lines[0]
+    assert "llama-cpp-python 0.3.36" in lines[1] and "(batch 16)" in lines[1]

@@ -120,19 +120,51 @@ def cmd_bench(args) -> int:
     m = _load(args)
     with m:
         ids = m.tokenize(BENCH_PROMPT)[:128]
-        t = time.perf_counter()
-        m.eval(ids, all_logits=False)     # a prompt, as generate evaluates it
-        tp = time.perf_counter() - t
-        t = time.perf_counter()
-        tok = ids[-1]
-        for _ in range(args.n):
-            tok = int(m.eval([tok])[-1].argmax())
-        td = time.perf_counter() - t
+        tp, td = _time_prompt_and_decode(lambda toks: m.eval(toks, all_logits=False)[-1], ids, args.n)
         print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s (batch {args.batch}); decode {args.n} tokens: "
               f"{args.n / td:.1f} tok/s ({'fused-heads' if args.fused_heads else 'per-head'} graph, "
               f"{tnn.tnn_graph_n_nodes(m.cache.sess)} nodes, backend {tnn.tnn_backend_name(m.cache.sess)}, "
               f"{m.cache.n_threads} threads, kv {args.kv_type})")
+        if args.llama_cpp:
+            _bench_llama_cpp(m, args, ids)
     return 0
+
+
+def _time_prompt_and_decode(eval_last, ids, n):
+    """Seconds to evaluate the prompt ``ids``, and to decode ``n`` greedy tokens after it, where
+    ``eval_last(tokens)`` evaluates tokens and returns the last position's logits."""
+    t = time.perf_counter()
+    logits = eval_last(ids)
+    tp = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(n):
+        logits = eval_last([int(logits.argmax())])
+    return tp, time.perf_counter() - t
+
+
+def _bench_llama_cpp(m, args, ids) -> None:
+    """The same timing for llama-cpp-python on the same file, tokens, threads, KV type and batch."""
+    import numpy as np
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("--llama-cpp needs llama-cpp-python (installed by `make test`)")
+    kv = {"f32": 0, "q8_0": 8}[args.kv_type]
+    llm = llama_cpp.Llama(str(m.path), n_ctx=512, n_batch=args.batch, n_ubatch=args.batch, verbose=False,
+                          n_threads=m.cache.n_threads, type_k=kv, type_v=kv,
+                          flash_attn=args.flash_attn or args.kv_type == "q8_0")
+
+    def eval_last(toks):
+        llm.eval(toks)   # without logits_all llama-cpp-python keeps no logits; the context has the last
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+    try:
+        tp, td = _time_prompt_and_decode(eval_last, ids, args.n)
+    finally:
+        llm.close()
+    print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s (batch {args.batch}); decode {args.n} tokens: "
+          f"{args.n / td:.1f} tok/s (llama-cpp-python {llama_cpp.__version__}, {m.cache.n_threads} threads, "
+          f"kv {args.kv_type})")
 
 
 def cmd_parity(args) -> int:
@@ -177,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="binding call overhead (API vs ABI) and decode tok/s")
     b.add_argument("-n", type=int, default=32, help="decode tokens to time (default 32)")
+    b.add_argument("--llama-cpp", action="store_true",
+                   help="time llama-cpp-python too, same file, tokens, threads, KV type and batch")
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)
 
