@@ -66,12 +66,6 @@ static bool want_float_like(const char * fn, const char * arg, const struct ggml
     return true;
 }
 
-/* acc += a * b, false on int64 overflow (user-supplied sizes must not wrap a bounds check) */
-static bool add_mul_ok(int64_t * acc, int64_t a, int64_t b) {
-    int64_t p;
-    return !__builtin_mul_overflow(a, b, &p) && !__builtin_add_overflow(*acc, p, acc);
-}
-
 /* ------------------------------------------------------------------ lookups & matmuls */
 
 tnn_tensor * tnn_get_rows(tnn_session * sess, tnn_tensor * table, tnn_tensor * ids) {
@@ -310,33 +304,6 @@ tnn_tensor * tnn_rope_ext(tnn_session * sess, tnn_tensor * a, tnn_tensor * pos, 
 
 /* ------------------------------------------------------------------ views & layout */
 
-static bool check_view_type_ok(const struct ggml_tensor * a, int64_t ne0) {
-    return ne0 % ggml_blck_size(a->type) == 0;
-}
-
-/* The view's last byte, offset + sum (ne[i]-1)*nb[i] + row bytes, must lie in a; and
- * ggml_view_* also asserts offset + the view's *contiguous* size <= nbytes(a).
- * All sums are overflow-checked: wrapped user sizes must not slip through. */
-bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
-                   int64_t nb1, int64_t nb2, int64_t offset) {
-    if (!check_view_type_ok(a, ne0)) {
-        return fail_shape(fn, "a view of a quantized tensor must span whole blocks", a, NULL);
-    }
-    int64_t row = 0, last = offset, dense = offset;
-    bool ok = add_mul_ok(&row, (int64_t) ggml_type_size(a->type), ne0 / ggml_blck_size(a->type)) &&
-              add_mul_ok(&last, ne1 - 1, nb1) && add_mul_ok(&last, ne2 - 1, nb2) && add_mul_ok(&last, row, 1);
-    int64_t rows = 0;
-    ok = ok && add_mul_ok(&rows, ne1, ne2) && add_mul_ok(&dense, row, rows);
-    if (!ok || last > (int64_t) ggml_nbytes(a) || dense > (int64_t) ggml_nbytes(a)) {
-        char sa[128];
-        tnn_shape_str(a, sa, sizeof sa);
-        tnn_set_error("%s: view [%" PRId64 ",%" PRId64 ",%" PRId64 "] at offset %" PRId64 " (nb1 %" PRId64 ", nb2 %" PRId64
-                      ") ends past the end of %s (%zu bytes)", fn, ne0, ne1, ne2, offset, nb1, nb2, sa, ggml_nbytes(a));
-        return false;
-    }
-    return true;
-}
-
 tnn_tensor * tnn_view_1d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t offset) {
     const char * fn = "tnn_view_1d";
     PROLOGUE(fn);
@@ -387,7 +354,7 @@ static tnn_tensor * reshape(tnn_session * sess, tnn_tensor * a, int64_t ne0, int
         return NULL;
     }
     int64_t n01 = 0, n012 = 0;
-    if (!add_mul_ok(&n01, ne0, ne1) || !add_mul_ok(&n012, n01, ne2) || ggml_nelements(a) != n012) {
+    if (!tnn_add_mul_ok(&n01, ne0, ne1) || !tnn_add_mul_ok(&n012, n01, ne2) || ggml_nelements(a) != n012) {
         char sa[128];
         tnn_shape_str(a, sa, sizeof sa);
         tnn_set_error("%s: cannot reshape %s (%" PRId64 " elements) to [%" PRId64 ",%" PRId64 ",%" PRId64 "]", fn, sa,

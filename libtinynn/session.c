@@ -17,82 +17,7 @@
 
 #define TNN_SESSION_MAGIC 0x544e4e53u /* "TNNS" */
 
-static tnn_session * g_live_sessions = NULL;
-
-/* ------------------------------------------------------------------ checks */
-
-bool tnn_check_session(const tnn_session * sess, const char * fn) {
-    if (sess == NULL) {
-        tnn_set_error("%s: session handle is NULL", fn);
-        return false;
-    }
-    for (const tnn_session * s = g_live_sessions; s != NULL; s = s->next_live) {
-        if (s == sess) {
-            return true;
-        }
-    }
-    tnn_set_error("%s: session handle %p is not a live session (freed or never created)", fn, (const void *) sess);
-    return false;
-}
-
-static bool ptr_in_ctx(const struct ggml_context * ctx, const void * p, bool below_used) {
-    if (ctx == NULL) return false;
-    const char * base = (const char *) ggml_get_mem_buffer(ctx);
-    size_t size = below_used ? ggml_used_mem(ctx) : ggml_get_mem_size(ctx);
-    return (const char *) p >= base && (const char *) p < base + size;
-}
-
-static bool is_repacked(const tnn_session * sess, const struct ggml_tensor * t) {
-    return sess != NULL && ptr_in_ctx(sess->ctx_repack, t, true);
-}
-
-bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg) {
-    if (!tnn_check_weight(sess, t, fn, arg)) return false;
-    if (is_repacked(sess, t)) {
-        tnn_set_error("%s: tensor argument '%s' is a weight repacked for ggml's CPU kernels; it can only be the "
-                      "weight of tnn_matmul / tnn_mul_mat_id", fn, arg);
-        return false;
-    }
-    return true;
-}
-
-bool tnn_check_weight(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg) {
-    if (t == NULL) {
-        tnn_set_error("%s: tensor argument '%s' is NULL", fn, arg);
-        return false;
-    }
-    if (sess != NULL) {
-        /* Tensor structs live inside their context's memory pool, so a handle
-         * from another session, or a compute tensor from before the last
-         * rebuild, is outside every pool of this session. */
-        if (!ptr_in_ctx(sess->ctx_w, t, true) && !ptr_in_ctx(sess->ctx_mmap, t, true) &&
-            !ptr_in_ctx(sess->ctx_c, t, true) && !ptr_in_ctx(sess->ctx_repack, t, true)) {
-            tnn_set_error("%s: tensor argument '%s' (%p) does not belong to this session "
-                          "(another session's, or a stale compute tensor from before tnn_reset_for_rebuild)",
-                          fn, arg, (const void *) t);
-            return false;
-        }
-    }
-    return true;
-}
-
-bool tnn_check_type(int type, const char * fn) {
-    if (type < 0 || type >= GGML_TYPE_COUNT) {
-        tnn_set_error("%s: unknown ggml type %d (valid: 0..%d)", fn, type, GGML_TYPE_COUNT - 1);
-        return false;
-    }
-    const struct ggml_type_traits * tr = ggml_get_type_traits((enum ggml_type) type);
-    if (tr->blck_size == 0 || tr->type_size == 0) {
-        tnn_set_error("%s: ggml type %d is a removed/placeholder type", fn, type);
-        return false;
-    }
-    return true;
-}
-
-void tnn_shape_str(const struct ggml_tensor * t, char * buf, size_t n) {
-    snprintf(buf, n, "%s[%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "]", ggml_type_name(t->type),
-             t->ne[0], t->ne[1], t->ne[2], t->ne[3]);
-}
+/* ------------------------------------------------------------------ checks used only here */
 
 static bool check_dims(const char * fn, int64_t a, int64_t b, int64_t c) {
     if (a <= 0 || b <= 0 || c <= 0) {
@@ -124,25 +49,6 @@ static bool check_size_fits(const char * fn, int type, int64_t ne0, int64_t ne1,
     if (!ok) {
         tnn_set_error("%s: shape [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "] is too large (element or byte count "
                       "overflows int64)", fn, ne0, ne1, ne2, ne3);
-        return false;
-    }
-    return true;
-}
-
-static bool ctx_has_room(struct ggml_context * ctx, const char * fn, const char * what) {
-    if (ggml_used_mem(ctx) + 8 * ggml_tensor_overhead() > ggml_get_mem_size(ctx)) {
-        tnn_set_error("%s: the %s context is full (%zu bytes of tensor metadata)", fn, what, ggml_get_mem_size(ctx));
-        return false;
-    }
-    return true;
-}
-
-bool tnn_check_graph_ready(const tnn_session * sess, const char * fn) {
-    if (sess->ctx_c == NULL || sess->gf == NULL) {
-        tnn_set_error("%s: no compute graph; call tnn_reset_for_rebuild first", fn);
-        return false;
-    }
-    if (!ctx_has_room(sess->ctx_c, fn, "compute")) {
         return false;
     }
     return true;
@@ -218,19 +124,13 @@ tnn_session * tnn_session_new(int kind) {
         return NULL;
     }
     s->magic = TNN_SESSION_MAGIC;
-    s->next_live = g_live_sessions;
-    g_live_sessions = s;
+    tnn_live_session_add(s);
     return s;
 }
 
 int tnn_session_free(tnn_session * sess) {
     if (!tnn_check_session(sess, "tnn_session_free")) return -1;
-    for (tnn_session ** pp = &g_live_sessions; *pp; pp = &(*pp)->next_live) {
-        if (*pp == sess) {
-            *pp = sess->next_live;
-            break;
-        }
-    }
+    tnn_live_session_remove(sess);
     if (sess->ctx_c) ggml_free(sess->ctx_c);
     ggml_gallocr_free(sess->galloc);
     if (sess->buf_w) ggml_backend_buffer_free(sess->buf_w);
@@ -278,7 +178,7 @@ static bool check_can_declare(tnn_session * sess, const char * fn) {
         tnn_set_error("%s: persistent tensors must be declared before tnn_finalize_weights", fn);
         return false;
     }
-    return ctx_has_room(sess->ctx_w, fn, "persistent");
+    return tnn_ctx_has_room(sess->ctx_w, fn, "persistent");
 }
 
 static tnn_tensor * new_persistent(tnn_session * sess, const char * fn, int type, int n_dims, int64_t ne0,
@@ -312,33 +212,28 @@ tnn_tensor * tnn_input_3d_persistent_typed(tnn_session * sess, int64_t ne0, int6
     return new_persistent(sess, "tnn_input_3d_persistent_typed", type, 3, ne0, ne1, ne2);
 }
 
-tnn_tensor * tnn_view_2d_persistent(tnn_session * sess, tnn_tensor * parent, int64_t ne0, int64_t ne1, int64_t nb1,
-                                    int64_t offset) {
-    const char * fn = "tnn_view_2d_persistent";
-    if (!check_can_declare(sess, fn)) return NULL;
-    if (parent == NULL || !ptr_in_ctx(sess->ctx_w, parent, true)) {
-        tnn_set_error("%s: parent must be a persistent tensor of this session (tnn_input_*_persistent*)", fn);
-        return NULL;
-    }
-    if (ne0 <= 0 || ne1 <= 0 || nb1 <= 0 || offset < 0) {
-        tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
-        return NULL;
-    }
-    if (offset % (int64_t) ggml_type_size(parent->type) != 0 || nb1 % (int64_t) ggml_type_size(parent->type) != 0) {
-        tnn_set_error("%s: offset %" PRId64 " and nb1 %" PRId64 " must be multiples of the %s block size (%zu bytes)",
-                      fn, offset, nb1, ggml_type_name(parent->type), ggml_type_size(parent->type));
-        return NULL;
-    }
-    if (!tnn_view_fits(fn, parent, ne0, ne1, 1, nb1, 0, offset)) return NULL;
-    return ggml_view_2d(sess->ctx_w, parent, ne0, ne1, (size_t) nb1, (size_t) offset);
-}
-
 tnn_tensor * tnn_rope_freq_factors_alloc(tnn_session * sess, int64_t d_head) {
     if (d_head <= 0 || d_head % 2 != 0) {
         tnn_set_error("tnn_rope_freq_factors_alloc: d_head must be positive and even, got %" PRId64, d_head);
         return NULL;
     }
     return new_persistent(sess, "tnn_rope_freq_factors_alloc", GGML_TYPE_F32, 1, d_head / 2, 1, 1);
+}
+
+/* Views (tnn_view_2d_persistent) take their parent's buffer and address, and the buffer's init_tensor
+ * (in the repack buffer: ggml's kernel for the view). ggml_backend_alloc_ctx_tensors does this for the
+ * contexts it allocates; this covers the rest, e.g. mapped weights bound in place on the host. */
+static bool init_views(struct ggml_context * ctx) {
+    if (ctx == NULL) return true;
+    for (struct ggml_tensor * t = ggml_get_first_tensor(ctx); t != NULL; t = ggml_get_next_tensor(ctx, t)) {
+        if (t->view_src == NULL || t->buffer != NULL) continue;
+        if (t->view_src->buffer == NULL || t->view_src->data == NULL ||
+            ggml_backend_view_init(t) != GGML_STATUS_SUCCESS) {
+            tnn_set_error("tnn_finalize_weights: could not give the view '%s' its parent's memory", t->name);
+            return false;
+        }
+    }
+    return true;
 }
 
 int tnn_finalize_weights(tnn_session * sess) {
@@ -386,6 +281,7 @@ int tnn_finalize_weights(tnn_session * sess) {
             sess->mmap_copy_bytes += (int64_t) ggml_nbytes(t);
         }
     }
+    if (!init_views(sess->ctx_w) || !init_views(sess->ctx_mmap) || !init_views(sess->ctx_repack)) return -1;
     sess->finalized = true;
     return 0;
 }
@@ -467,7 +363,7 @@ static tnn_tensor * new_mmap_tensor(tnn_session * sess, const char * fn, int typ
         tnn_set_error("%s: mapped tensors must be declared before tnn_finalize_weights", fn);
         return NULL;
     }
-    if (!ctx_has_room(sess->ctx_mmap, fn, "mapped-weight")) return NULL;
+    if (!tnn_ctx_has_room(sess->ctx_mmap, fn, "mapped-weight")) return NULL;
     if (!tnn_check_type(type, fn)) return NULL;
     if (!check_dims(fn, ne0, ne1, ne2)) return NULL;
     if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, 1)) return NULL;
@@ -573,7 +469,7 @@ static tnn_tensor * new_weight(tnn_session * sess, const char * fn, int type, in
         return mapped ? new_mmap_tensor(sess, fn, type, n_dims, ne0, ne1, ne2, offset)
                       : new_persistent(sess, fn, type, n_dims, ne0, ne1, ne2);
     }
-    if (!ctx_has_room(sess->ctx_repack, fn, "repacked-weight")) return NULL;
+    if (!tnn_ctx_has_room(sess->ctx_repack, fn, "repacked-weight")) return NULL;
     if (!check_row_blocks(fn, type, ne0) || !check_size_fits(fn, type, ne0, ne1, ne2, 1)) return NULL;
     if (!mapped) {
         return n_dims == 2 ? ggml_new_tensor_2d(sess->ctx_repack, (enum ggml_type) type, ne0, ne1)
@@ -602,10 +498,99 @@ tnn_tensor * tnn_input_3d_weight_typed(tnn_session * sess, int64_t ne0, int64_t 
     return new_weight(sess, "tnn_input_3d_weight_typed", type, 3, ne0, ne1, ne2, false, 0);
 }
 
+/* ------------------------------------------------------------------ persistent views */
+
+/* ggml's CPU_REPACK layout stores a weight's rows interleaved in groups of NB_COLS rows (4 or 8 on
+ * x86/ARM, 16 for the RISC-V kernels: the most any repack type uses, see ggml-cpu/repack.cpp). A view
+ * of a repacked weight is only valid as whole groups; a multiple of 16 rows is one for every kernel. */
+#define TNN_REPACK_MAX_INTERLEAVE 16
+
+/* The kernel (ggml's tensor traits) the CPU_REPACK buffer's init_tensor picks for a tensor of this
+ * type and shape, as it stores it in tensor->extra; NULL when there is none. */
+static const void * repack_kernel(tnn_session * sess, enum ggml_type type, const int64_t ne[4]) {
+    struct ggml_context * ctx = new_meta_ctx(1, 0);
+    if (ctx == NULL) return NULL;
+    const void * kernel = NULL;
+    ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(sess->repack_buft, 64);
+    if (probe != NULL) {
+        struct ggml_tensor * t = ggml_new_tensor(ctx, type, 4, ne);
+        if (ggml_backend_buffer_init_tensor(probe, t) == GGML_STATUS_SUCCESS) kernel = t->extra;
+        ggml_backend_buffer_free(probe);
+    }
+    ggml_free(ctx);
+    return kernel;
+}
+
+/* a view of a repacked weight: all columns, whole row groups, and the parent's kernel */
+static bool check_repacked_view(tnn_session * sess, const char * fn, const struct ggml_tensor * parent, int64_t ne0,
+                                int64_t ne1, int64_t nb1, int64_t offset) {
+    const char * ty = ggml_type_name(parent->type);
+    if (ne0 != parent->ne[0] || nb1 != (int64_t) parent->nb[1]) {
+        tnn_set_error("%s: parent is a %s weight repacked for ggml's CPU kernels (rows interleaved in groups); a view "
+                      "of it must keep every column (ne0 %" PRId64 ", nb1 %zu), got ne0 %" PRId64 ", nb1 %" PRId64,
+                      fn, ty, parent->ne[0], parent->nb[1], ne0, nb1);
+        return false;
+    }
+    const int64_t g = TNN_REPACK_MAX_INTERLEAVE;
+    if (offset % (g * nb1) != 0 || ne1 % g != 0) {
+        tnn_set_error("%s: parent is a %s weight repacked for ggml's CPU kernels (rows interleaved in groups of up "
+                      "to %" PRId64 "); a view of it must start at a multiple of %" PRId64 " rows and span a multiple "
+                      "of %" PRId64 " rows, got %" PRId64 " rows at byte offset %" PRId64 " (rows of %" PRId64 " bytes)",
+                      fn, ty, g, g, g, ne1, offset, nb1);
+        return false;
+    }
+    const struct ggml_tensor * root = parent->view_src ? parent->view_src : parent;
+    const int64_t ne_view[4] = {ne0, ne1, 1, 1};
+    const void * kernel = repack_kernel(sess, root->type, root->ne);
+    if (kernel == NULL || repack_kernel(sess, root->type, ne_view) != kernel) {
+        tnn_set_error("%s: ggml would run a %" PRId64 "-row view of this repacked %s weight with another repack "
+                      "kernel than its %" PRId64 "-row parent's layout; declare those rows as a weight of their own",
+                      fn, ne1, ty, root->ne[1]);
+        return false;
+    }
+    return true;
+}
+
+/* A view is made in its parent's context (persistent, mapped or repacked) and gets its memory from
+ * the parent at tnn_finalize_weights. */
+tnn_tensor * tnn_view_2d_persistent(tnn_session * sess, tnn_tensor * parent, int64_t ne0, int64_t ne1, int64_t nb1,
+                                    int64_t offset) {
+    const char * fn = "tnn_view_2d_persistent";
+    if (!tnn_check_session(sess, fn)) return NULL;
+    if (sess->finalized) {
+        tnn_set_error("%s: persistent tensors must be declared before tnn_finalize_weights", fn);
+        return NULL;
+    }
+    struct ggml_context * ctx = NULL;
+    if (parent != NULL) {
+        if (tnn_ptr_in_ctx(sess->ctx_w, parent, true)) ctx = sess->ctx_w;
+        else if (tnn_ptr_in_ctx(sess->ctx_mmap, parent, true)) ctx = sess->ctx_mmap;
+        else if (tnn_ptr_in_ctx(sess->ctx_repack, parent, true)) ctx = sess->ctx_repack;
+    }
+    if (ctx == NULL) {
+        tnn_set_error("%s: parent must be a persistent tensor of this session (tnn_input_*_persistent*, "
+                      "tnn_input_*_mmap, tnn_input_*_weight_*)", fn);
+        return NULL;
+    }
+    if (!tnn_ctx_has_room(ctx, fn, "persistent")) return NULL;
+    if (ne0 <= 0 || ne1 <= 0 || nb1 <= 0 || offset < 0) {
+        tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
+        return NULL;
+    }
+    if (offset % (int64_t) ggml_type_size(parent->type) != 0 || nb1 % (int64_t) ggml_type_size(parent->type) != 0) {
+        tnn_set_error("%s: offset %" PRId64 " and nb1 %" PRId64 " must be multiples of the %s block size (%zu bytes)",
+                      fn, offset, nb1, ggml_type_name(parent->type), ggml_type_size(parent->type));
+        return NULL;
+    }
+    if (!tnn_view_fits(fn, parent, ne0, ne1, 1, nb1, 0, offset)) return NULL;
+    if (ctx == sess->ctx_repack && !check_repacked_view(sess, fn, parent, ne0, ne1, nb1, offset)) return NULL;
+    return ggml_view_2d(ctx, parent, ne0, ne1, (size_t) nb1, (size_t) offset);
+}
+
 int tnn_tensor_is_repacked(tnn_session * sess, tnn_tensor * t) {
     if (!tnn_check_session(sess, "tnn_tensor_is_repacked") ||
         !tnn_check_weight(sess, t, "tnn_tensor_is_repacked", "t")) return -1;
-    return is_repacked(sess, t) ? 1 : 0;
+    return tnn_is_repacked(sess, t) ? 1 : 0;
 }
 
 int64_t tnn_session_mmap_resident_copy_bytes(tnn_session * sess) {

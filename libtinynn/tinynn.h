@@ -64,8 +64,11 @@ tnn_tensor * tnn_input_1d_f32_persistent(tnn_session * sess, int64_t n);
 tnn_tensor * tnn_input_2d_f32_persistent(tnn_session * sess, int64_t rows, int64_t cols);
 tnn_tensor * tnn_input_2d_persistent_typed(tnn_session * sess, int64_t rows, int64_t cols, int type);
 tnn_tensor * tnn_input_3d_persistent_typed(tnn_session * sess, int64_t ne0, int64_t ne1, int64_t ne2, int type);
-/* a persistent window [ne0, ne1] (row stride nb1, byte offset) into a persistent tensor, allocated
- * with it at finalize: e.g. one KV head's part of a layer's cache, shared by every graph builder */
+/* a persistent window [ne0, ne1] (row stride nb1, byte offset) into a persistent tensor, a mapped
+ * weight (tnn_input_*_mmap) or a matmul weight (tnn_input_*_weight_*, repacked or not), declared
+ * before finalize and given the parent's memory there: e.g. one KV head's part of a layer's cache, or
+ * one attention head's rows of a layer's weight. A view of a repacked weight must keep every column
+ * (ne0 and nb1 the parent's) and start at and span a multiple of 16 rows (ggml's widest row interleave). */
 tnn_tensor * tnn_view_2d_persistent(tnn_session * sess, tnn_tensor * parent, int64_t ne0, int64_t ne1, int64_t nb1,
                                     int64_t offset);
 tnn_tensor * tnn_rope_freq_factors_alloc(tnn_session * sess, int64_t d_head);   /* F32 [d_head/2] */

@@ -60,7 +60,9 @@ struct tnn_session {
 void tnn_set_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
 void tnn_install_log_hook(void);
 
-/* validation helpers (session.c) */
+/* validation helpers (validate.c) */
+void tnn_live_session_add(tnn_session * sess);     /* the registry tnn_check_session consults */
+void tnn_live_session_remove(tnn_session * sess);
 bool tnn_check_session(const tnn_session * sess, const char * fn);
 bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg);
 /* like tnn_check_tensor, but also accepts a repacked weight (only matmul / mul_mat_id take those) */
@@ -68,7 +70,15 @@ bool tnn_check_weight(const tnn_session * sess, const struct ggml_tensor * t, co
 bool tnn_check_type(int type, const char * fn);
 bool tnn_check_graph_ready(const tnn_session * sess, const char * fn);
 void tnn_shape_str(const struct ggml_tensor * t, char * buf, size_t n);
-/* does the view [ne0, ne1, ne2] (strides nb1, nb2, byte offset) lie inside a? (ops.c) */
+/* is p inside ctx's memory pool (below its used part, or anywhere in it)? */
+bool tnn_ptr_in_ctx(const struct ggml_context * ctx, const void * p, bool below_used);
+/* does t live in the session's repacked-weight context? */
+bool tnn_is_repacked(const tnn_session * sess, const struct ggml_tensor * t);
+/* room for a few more tensors in ctx? (else an error naming fn and what) */
+bool tnn_ctx_has_room(struct ggml_context * ctx, const char * fn, const char * what);
+/* acc += a * b, false on int64 overflow (user-supplied sizes must not wrap a bounds check) */
+bool tnn_add_mul_ok(int64_t * acc, int64_t a, int64_t b);
+/* does the view [ne0, ne1, ne2] (strides nb1, nb2, byte offset) lie inside a? */
 bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
                    int64_t nb1, int64_t nb2, int64_t offset);
 

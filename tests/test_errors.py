@@ -301,6 +301,44 @@ assert (T.download(s, h1, raw=True).view(np.uint8).reshape(8, row) == data[8:]).
 tnn_session_free(other)
 '''
 
+CASES["persistent_views_of_weights"] = '''
+buf = np.zeros(64 * 1024 + 64, np.uint8)
+mem = buf[(-buf.ctypes.data) % 64:][:64 * 1024]                    # a 64-byte-aligned "mapping"
+base = T.ffi.cast("void *", mem.ctypes.data)
+repacking = tnn_session_set_weight_repack(s, 1) == 1
+tnn_session_attach_weight_mmap(s, base, mem.nbytes)
+row = tnn_row_size(GGML_TYPE_Q4_0, 256)                              # 144 bytes
+mem[:64 * row] = quantize(GGML_TYPE_Q4_0, np.ones((64, 256), np.float32))
+w = tnn_input_2d_weight_mmap(s, 64, 256, GGML_TYPE_Q4_0, 0)         # repacked where ggml does that
+mem[16384:16384 + 256] = np.arange(64, dtype=np.float32).view(np.uint8)
+bias = tnn_input_1d_persistent_mmap(s, 64, GGML_TYPE_F32, 16384)
+b1 = tnn_view_2d_persistent(s, bias, 16, 1, 64, 64)                 # head 1's piece of the bias: fine
+other = tnn_session_new(0)
+tnn_session_attach_weight_mmap(other, base, mem.nbytes)
+expect(tnn_view_2d_persistent, s, tnn_input_1d_persistent_mmap(other, 64, GGML_TYPE_F32, 16384), 16, 1, 64, 0,
+       want=["persistent", "this session"])
+expect(tnn_view_2d_persistent, s, tnn_input_2d_f32_persistent(other, 16, 32), 32, 8, 128, 0, want=["this session"])
+expect(tnn_view_2d_persistent, s, bias, 16, 1, 64, 200, want=["past the end"])
+expect(tnn_view_2d_persistent, s, bias, 16, 1, 64, 2, want=["multiples"])
+if repacking and tnn_tensor_is_repacked(s, w) == 1:
+    expect(tnn_view_2d_persistent, s, w, 256, 4, row, 0, want=["Q4_0", "repacked", "multiple of 16 rows"])
+    expect(tnn_view_2d_persistent, s, w, 256, 16, row, 4 * row, want=["Q4_0", "start at a multiple of 16 rows"])
+    expect(tnn_view_2d_persistent, s, w, 128, 16, row, 0, want=["Q4_0", "every column"])
+    expect(tnn_view_2d_persistent, s, w, 256, 16, 2 * row, 0, want=["Q4_0", "every column"])
+    v = tnn_view_2d_persistent(s, w, 256, 16, row, 16 * row)           # rows [16, 32): fine
+    assert tnn_tensor_is_repacked(s, v) == 1
+else:
+    v = None
+    print("no CPU_REPACK for Q4_0 on this CPU: repacked-view cases not run", file=sys.stderr)
+tnn_finalize_weights(s)
+expect(tnn_view_2d_persistent, s, w, 256, 16, row, 0, want=["before tnn_finalize_weights"])
+expect(tnn_view_2d_persistent, s, bias, 16, 1, 64, 0, want=["before tnn_finalize_weights"])
+assert (T.download(s, b1).ravel() == np.arange(16, 32)).all()       # the view reads the mapping
+if v is not None:
+    expect(T.download, s, v, want=["cannot be read back"])
+tnn_session_free(other)
+'''
+
 CASES["compute_before_realize"] = '''
 expect(tnn_compute, s, want=["realize"])
 tnn_finalize_weights(s)

@@ -940,3 +940,150 @@ def test_quantize_roundtrip(type_id, data, seed):
             check_close(name, Y.reshape(xb.shape), xb, np.abs(xb).max(axis=1, keepdims=True) * 2 + 2.0**-24)
             return
         check_close(name, Y.reshape(xb.shape), xb, _legacy_bound(type_id, xb) + 1e-30)
+
+
+# =========================================================================== persistent views of weights
+
+
+class Mapping:
+    """Raw tensor bytes in one 64-byte-aligned host buffer, attached as a session's weight mapping
+    (what tnn_gguf_load's mmap gives, without a file). Keep it alive as long as the session."""
+
+    def __init__(self, blobs):
+        self.offsets, size = [], 0
+        for b in blobs:
+            self.offsets.append(size)
+            size += -(-b.nbytes // 64) * 64
+        self._buf = np.zeros(size + 64, np.uint8)
+        start = (-self._buf.ctypes.data) % 64
+        self.mem = self._buf[start:start + size]
+        for off, b in zip(self.offsets, blobs):
+            self.mem[off:off + b.nbytes] = np.ascontiguousarray(b).view(np.uint8).ravel()
+
+    def attach(self, s):
+        T.tnn_session_attach_weight_mmap(s, T.ffi.cast("void *", self.mem.ctypes.data), self.mem.nbytes)
+
+
+def weight_bytes(W: np.ndarray, type_id: int):
+    """(raw bytes [rows, row_size], the float64 values they hold [rows, cols]) of a float32 matrix."""
+    if type_id == GGML_TYPE_F32:
+        return W.view(np.uint8).reshape(W.shape[0], -1), W.astype(np.float64)
+    raw = quantize(type_id, W)
+    return raw.reshape(W.shape[0], -1), dequantize(type_id, raw, W.size).reshape(W.shape).astype(np.float64)
+
+
+def concat_all(s, ts):
+    y = ts[0]
+    for t in ts[1:]:
+        y = T.tnn_concat(s, y, t, 0)
+    return y
+
+
+@pytest.mark.parametrize("source", ["persistent", "mmap"])
+@pytest.mark.parametrize("type_id", [GGML_TYPE_F32, GGML_TYPE_Q8_0], ids=lambda t: TYPE_NAMES[t])
+@settings(max_examples=ex(10), **SETTINGS)
+@given(data=st.data(), seed=seeds)
+def test_weight_row_views(source, type_id, data, seed):
+    """Each head's rows [h*d, (h+1)*d) of a weight as a tnn_view_2d_persistent of the whole matrix
+    (session-persistent or mapped), and each head's piece of a 1-D F32 bias as a [d, 1] view: the
+    matmul + bias of the views gives exactly the numbers of the same rows declared on their own."""
+    H = data.draw(st.integers(1, 4), label="heads")
+    d = data.draw(st.integers(1, 8), label="rows per head")
+    k = 32 * data.draw(st.integers(1, 4), label="k blocks")
+    n = data.draw(st.integers(1, 6), label="tokens")
+    W = rng_normal(seed, H * d, k)
+    B = rng_normal(seed + 1, H * d)
+    X = rng_normal(seed + 2, n, k)
+    raw, Wh = weight_bytes(W, type_id)
+    row = T.tnn_row_size(type_id, k)
+    heads = [slice(h * d, (h + 1) * d) for h in range(H)]
+    with session() as s:
+        g = Graph(s)
+        if source == "mmap":
+            mp = Mapping([raw, B] + [raw[r] for r in heads] + [B[r] for r in heads])
+            mp.attach(s)
+            w = T.tnn_input_2d_persistent_mmap(s, H * d, k, type_id, mp.offsets[0])
+            b = T.tnn_input_1d_persistent_mmap(s, H * d, GGML_TYPE_F32, mp.offsets[1])
+            sep = [T.tnn_input_2d_persistent_mmap(s, d, k, type_id, mp.offsets[2 + h]) for h in range(H)]
+            sep_b = [T.tnn_input_1d_persistent_mmap(s, d, GGML_TYPE_F32, mp.offsets[2 + H + h]) for h in range(H)]
+        else:
+            w = g.weight(T.tnn_input_2d_persistent_typed(s, H * d, k, type_id), raw)
+            b = g.weight(T.tnn_input_1d_f32_persistent(s, H * d), B)
+            sep = [g.weight(T.tnn_input_2d_persistent_typed(s, d, k, type_id), raw[r]) for r in heads]
+            sep_b = [g.weight(T.tnn_input_1d_f32_persistent(s, d), B[r]) for r in heads]
+        views = [T.tnn_view_2d_persistent(s, w, k, d, row, h * d * row) for h in range(H)]
+        bias_views = [T.tnn_view_2d_persistent(s, b, d, 1, d * 4, h * d * 4) for h in range(H)]
+        assert [T.tnn_tensor_ne(bias_views[0], i) for i in range(4)] == [d, 1, 1, 1]
+        g.finalize()
+        x = g.inp(X)
+        ys = []
+        for h in range(H):
+            ys.append(T.tnn_add(s, T.tnn_matmul(s, views[h], x), bias_views[h]))
+            ys.append(T.tnn_add(s, T.tnn_matmul(s, sep[h], x), sep_b[h]))
+        out = g.run(concat_all(s, ys)).reshape(n, 2 * H, d)
+        for h, r in enumerate(heads):
+            np.testing.assert_array_equal(download(s, bias_views[h]).ravel(), B[r])
+    np.testing.assert_array_equal(out[:, 0::2], out[:, 1::2])     # view == separately declared rows
+    for h, r in enumerate(heads):
+        ref = X.astype(np.float64) @ Wh[r].T + B[r].astype(np.float64)
+        check_close(f"matmul of weight-row views[{TYPE_NAMES[type_id]}] + bias view", out[:, 2 * h], ref,
+                    matmul_tol(type_id, X, Wh[r]) + 4 * U * np.abs(ref))
+
+
+def repack_active(type_id: int, k: int) -> bool:
+    """Does a CPU session repack a [16, k] weight of type_id (CPU_REPACK buffer, and ggml takes it)?"""
+    s = T.tnn_session_new(0)
+    try:
+        if T.tnn_session_set_weight_repack(s, 1) != 1:
+            return False
+        return T.tnn_tensor_is_repacked(s, T.tnn_input_2d_weight_typed(s, 16, k, type_id)) == 1
+    finally:
+        T.tnn_session_free(s)
+
+
+@pytest.mark.parametrize("source", ["mmap", "upload"])
+@pytest.mark.parametrize("type_id", [GGML_TYPE_Q4_0, GGML_TYPE_Q4_K], ids=lambda t: TYPE_NAMES[t])
+@settings(max_examples=ex(6), **SETTINGS)
+@given(data=st.data(), seed=seeds)
+def test_repacked_weight_row_views(source, type_id, data, seed):
+    """Views of whole row groups of a weight in ggml's CPU_REPACK layout run ggml's repacked matmul
+    (gemv for 1-3 tokens, gemm from 4) and give exactly the numbers of the same rows declared as a
+    repacked weight of their own; they are repacked tensors (not readable back)."""
+    blk = 256 if type_id in K_QUANTS else 32
+    k = blk * data.draw(st.integers(1, 2), label="k blocks")
+    if TEST_BACKEND != "cpu" or not repack_active(type_id, k):
+        pytest.skip(f"ggml does not repack {TYPE_NAMES[type_id]} weights on this backend/CPU")
+    H = data.draw(st.integers(1, 3), label="heads")
+    d = 16 * data.draw(st.integers(1, 3), label="16-row groups per head")
+    n = data.draw(st.sampled_from([1, 2, 5, 9]), label="tokens")
+    W = rng_normal(seed, H * d, k)
+    X = rng_normal(seed + 1, n, k)
+    raw, Wh = weight_bytes(W, type_id)
+    row = T.tnn_row_size(type_id, k)
+    heads = [slice(h * d, (h + 1) * d) for h in range(H)]
+    with session() as s:
+        assert T.tnn_session_set_weight_repack(s, 1) == 1
+        g = Graph(s)
+        if source == "mmap":
+            mp = Mapping([raw] + [raw[r] for r in heads])
+            mp.attach(s)
+            w = T.tnn_input_2d_weight_mmap(s, H * d, k, type_id, mp.offsets[0])
+            sep = [T.tnn_input_2d_weight_mmap(s, d, k, type_id, mp.offsets[1 + h]) for h in range(H)]
+        else:
+            w = g.weight(T.tnn_input_2d_weight_typed(s, H * d, k, type_id), raw)
+            sep = [g.weight(T.tnn_input_2d_weight_typed(s, d, k, type_id), raw[r]) for r in heads]
+        views = [T.tnn_view_2d_persistent(s, w, k, d, row, h * d * row) for h in range(H)]
+        assert all(T.tnn_tensor_is_repacked(s, t) == 1 for t in [w, *views, *sep])
+        g.finalize()
+        with pytest.raises(T.TinyNNError, match="cannot be read back"):
+            download(s, views[0])
+        x = g.inp(X)
+        ys = []
+        for h in range(H):
+            ys += [T.tnn_matmul(s, views[h], x), T.tnn_matmul(s, sep[h], x)]
+        out = g.run(concat_all(s, ys)).reshape(n, 2 * H, d)
+    np.testing.assert_array_equal(out[:, 0::2], out[:, 1::2])     # view == separately declared rows
+    for h, r in enumerate(heads):   # and the repacked kernel read the interleaved bytes right
+        ref = X.astype(np.float64) @ Wh[r].T
+        check_close(f"repacked matmul of weight-row views[{TYPE_NAMES[type_id]}]", out[:, 2 * h], ref,
+                    matmul_tol(type_id, X, Wh[r]))
