@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_F32, GGML_F16 = 0, 1
-ROPE_NORMAL, ROPE_NEOX = 0, 2
+from .ggml_types import GGML_TYPE_F32
+
+ROPE_NORMAL, ROPE_NEOX = 0, 2   # ggml_rope_ext modes (ggml.h GGML_ROPE_TYPE_*)
 
 # Architectures the engine builds graphs for, and their rope layout. llama.cpp's
 # converter permutes Q/K rows for llama-family files so ggml's NORMAL mode
@@ -122,7 +123,38 @@ class ModelConfig:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     has_rope_freqs: bool = False
+    per_head_qkv: bool = False          # attn_q/k/v stored one tensor per head (the seed's toy checkpoints)
     tensor_types: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # per layer, derived from the fields above in __post_init__ (llama.cpp's is_swa / freq_base_l)
+    layer_window: tuple[int, ...] = field(init=False)       # attention window; 0 = the whole context
+    layer_rope_base: tuple[float, ...] = field(init=False)  # rope base (Gemma: local layers have their own)
+
+    def __post_init__(self) -> None:
+        windows = tuple(self.swa_window if self.swa_window > 0 and (not self.swa_pattern or self.swa_pattern[il])
+                        else 0 for il in range(self.n_layers))
+        bases = tuple(self.rope_base_swa if self.rope_base_swa and w > 0 else self.rope_base for w in windows)
+        object.__setattr__(self, "layer_window", windows)
+        object.__setattr__(self, "layer_rope_base", bases)
+
+    @classmethod
+    def from_dims(cls, d_model: int, d_ff: int, n_heads: int, n_kv: int, n_layers: int, vocab: int,
+                  rope_base: float, rms_eps: float, untied: bool, qkv_bias: bool, head_dim: int | None = None,
+                  base: "ModelConfig | None" = None) -> "ModelConfig":
+        """The seed's ``realize_for`` arguments as a config: ``base``'s arch flags (a plain llama
+        without one) with these dimensions."""
+        from dataclasses import replace
+
+        dims = dict(d_model=d_model, d_ff=d_ff, n_heads=n_heads, n_kv=n_kv, n_layers=n_layers, vocab=vocab,
+                    rope_base=rope_base, rms_eps=rms_eps, untied_output=untied, qkv_bias=qkv_bias,
+                    head_dim=head_dim or d_model // n_heads)
+        if base is not None:
+            if base.swa_pattern and len(base.swa_pattern) != n_layers:
+                raise ValueError(f"realize_for: n_layers={n_layers} but the applied config has "
+                                 f"{len(base.swa_pattern)} layers")
+            return replace(base, **dims)
+        return cls(path="", arch="llama", context_length=0, rope_dim=dims["head_dim"], rope_mode=ROPE_NORMAL,
+                   rope_scaling=RopeScaling.none(), weight_type=GGML_TYPE_F32, qk_norm_kind=0, post_norms=False,
+                   swa_window=0, **dims)
 
     @property
     def group_size(self) -> int:
@@ -166,7 +198,7 @@ def detect_weight_type(path_or_reader) -> int:
     c = Counter(int(t.tensor_type) for t in r.tensors
                 if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2)
     if not c:
-        return GGML_F32
+        return GGML_TYPE_F32
     return c.most_common(1)[0][0]
 
 
@@ -248,6 +280,7 @@ def load_config(path_or_reader) -> ModelConfig:
         residual_scale=float(opt("residual_scale", 1.0)),
         logit_scale=float(opt("logit_scale", 1.0)),
         has_rope_freqs="rope_freqs.weight" in tensors,
+        per_head_qkv="blk.0.attn_q.head_0.weight" in tensors,
         tensor_types={name: int(t.tensor_type) for name, t in tensors.items()},
     )
 

@@ -78,11 +78,11 @@ def _pick_mode() -> str:
 MODE = _pick_mode()
 ffi, lib = _load(MODE)
 
-# GGML type ids used by the engine (ggml.h enum ggml_type).
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1 = 0, 1, 2, 3
-GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_Q8_1 = 6, 7, 8, 9
-GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K = 10, 11, 12, 13, 14
-GGML_TYPE_I32, GGML_TYPE_BF16 = 26, 30
+from ..ggml_types import (GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I32,  # noqa: E402,F401
+                          GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q4_K,
+                          GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K, GGML_TYPE_Q8_0,
+                          GGML_TYPE_Q8_1)
+
 ROPE_NORMAL, ROPE_NEOX = 0, 2
 
 
