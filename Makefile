@@ -5,7 +5,7 @@
 #   make demo       the above + the default SmolLM2 model, greedy "The capital of France is"
 #   make CUDA=1     add ggml's CUDA backend (CUDA_ARCH=90 by default; CUDA_CMAKE_ARGS=... passes
 #                   more to ggml's cmake, by default what scripts/cuda-cmake-args.sh finds)
-#   make bench      call overhead; prompt and decode speed of the per-head and the fused-heads graphs
+#   make bench      call overhead; prompt and decode speed of the fused (default) and per-head graphs
 #
 # ggml comes from the llama-cpp-python sdist (never committed); its sha256 is checked.
 
@@ -155,9 +155,9 @@ test: all $(VENV)/.oracle $(SMOLLM2) $(GEMMA3)
 demo: all $(SMOLLM2)
 	$(VPY) -m toy_llm generate "The capital of France is" -n 24
 
-bench: all $(SMOLLM2)
-	$(VPY) -m toy_llm bench
-	$(VPY) -m toy_llm bench --fused-heads --batch 512 | grep -v "call overhead"
+bench: all $(VENV)/.oracle $(SMOLLM2)
+	$(VPY) -m toy_llm bench --llama-cpp
+	$(VPY) -m toy_llm bench --graph per_head | grep -v "call overhead"
 
 clean:
 	rm -rf $(TNN_SO) toy_llm/tinynn/_tinynn_api*.so $(FFI_STAMP) $(BUILD)/cffi

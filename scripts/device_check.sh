@@ -58,10 +58,10 @@ else   # rehearsal: the cases load and the CPU engine runs them
     $PY -c "
 import sys, numpy as np, toy_llm; sys.path.insert(0, 'tests'); import backend_cases as b
 for c in b.load_cases('$TOY_LLM_BACKEND_CASES'):
-    for fused in (False, True):
-        with toy_llm.load(c['gguf'], max_T=256, kv_type=c['kv_type'], flash_attn=c['flash'], fused_heads=fused) as m:
+    for graph in ('per_head', 'fused'):
+        with toy_llm.load(c['gguf'], max_T=256, kv_type=c['kv_type'], flash_attn=c['flash'], graph=graph, n_batch=1) as m:
             d = np.abs(m.eval(c['tokens']) - np.load(c['logits'])).max()
-        print(f\"[backend] cpu {c['name']} fused={fused}: max|Δlogit|={d:.3g}\")"
+        print(f\"[backend] cpu {c['name']} {graph}: max|Δlogit|={d:.3g}\")"
 fi
 
 step "every op on $BACKEND vs float64 numpy (a quarter of the CI examples)"
@@ -70,7 +70,7 @@ TOY_LLM_TEST_BACKEND=$BACKEND TNN_TEST_EXAMPLES=0.25 $PY -m pytest -q -s -p no:c
 
 step "decode speed, synthetic llama Q4_K (tiny: launch-bound, not a model figure)"
 for b in cpu $BACKEND; do
-    for graph in "" --fused-heads "--fused-heads --batch 128"; do
+    for graph in "--graph per_head" "--batch 1" "--batch 128"; do
         $PY -m toy_llm bench -m .device/cases/llama.Q4_K.gguf --backend "$b" -n 64 $graph 2>&1 | grep -v "call overhead"
     done
 done

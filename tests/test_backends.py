@@ -78,15 +78,15 @@ def _report(label, ours, ref):
 
 
 @needs_accelerator
-@pytest.mark.parametrize("graph", ["per_head", "fused_heads", "fused_batched"])
+@pytest.mark.parametrize("graph", ["per_head", "fused_one_position_per_graph", "fused_batched"])
 @pytest.mark.parametrize("backend", BACKENDS or ["none"])
 @pytest.mark.parametrize("name", _case_names())
 def test_backend_logits_close_to_llama_cpp(cases, backend, name, graph):
     c = cases[name]
     ref = np.load(c["logits"])
-    fused = graph != "per_head"
     with toy_llm.load(c["gguf"], max_T=256, backend=backend, kv_type=c["kv_type"], flash_attn=c["flash"],
-                      fused_heads=fused, n_batch=64 if graph == "fused_batched" else 1) as m:
+                      graph="per_head" if graph == "per_head" else "fused",
+                      n_batch=64 if graph == "fused_batched" else 1) as m:
         assert tnn.tnn_session_backend_kind(m.cache.sess) == BACKEND_KINDS[backend]
         ours = m.eval(c["tokens"])
         m.reset()

@@ -65,16 +65,37 @@ def test_seed_names_and_attributes(llama_path):
 
 
 def test_trace_returns_named_intermediates(llama_path):
-    with toy_llm.load(llama_path, max_T=32) as m:
-        ids = m.tokenize("The river")
-        m.cache.enable_trace()
-        logits = m.eval(ids)
-        trace = m.cache.dump_trace()
-    for name in ("embed", "L0.rn1", "L0.q_rot", "L0.k_rot", "L0.concat", "L1.post_ffn", "final_norm", "logits"):
-        assert name in trace, name
-    np.testing.assert_array_equal(trace["logits"].reshape(-1), logits[-1])
-    # the residual stream is what the taps say it is: post_ffn = post_attn + dn
-    np.testing.assert_allclose(trace["L1.post_ffn"], trace["L1.post_attn"] + trace["L1.dn"], rtol=1e-6, atol=1e-6)
+    for graph in ("per_head", "fused"):
+        with toy_llm.load(llama_path, max_T=32, graph=graph, n_batch=1) as m:
+            ids = m.tokenize("The river")
+            m.cache.enable_trace()
+            logits = m.eval(ids)
+            trace = m.cache.dump_trace()
+        cfg = m.config
+        for name in ("hook_embed", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k",
+                     "blocks.0.attn.hook_z", "blocks.1.hook_resid_post", "ln_final.hook_normalized", "hook_logits"):
+            assert name in trace, (graph, name)
+        assert trace["blocks.0.attn.hook_q"].shape == (1, cfg.n_heads, cfg.head_dim)
+        assert trace["blocks.0.attn.hook_k"].shape == (1, cfg.n_kv, cfg.head_dim)
+        np.testing.assert_array_equal(trace["hook_logits"].reshape(-1), logits[-1])
+        # the residual stream is what the taps say it is: resid_post = resid_mid + mlp_out
+        np.testing.assert_allclose(trace["blocks.1.hook_resid_post"],
+                                   trace["blocks.1.hook_resid_mid"] + trace["blocks.1.hook_mlp_out"], rtol=1e-6,
+                                   atol=1e-6)
+
+
+def test_both_graphs_trace_the_same_names_and_numbers(llama_path):
+    """One naming scheme: every hook point of the per-head graph exists in the fused graph with the same
+    shape and the same values (both compute the same numbers, one position per graph)."""
+    traces = {}
+    for graph in ("per_head", "fused"):
+        with toy_llm.load(llama_path, max_T=32, graph=graph, n_batch=1) as m:
+            m.cache.enable_trace()
+            m.eval([65, 66, 67])
+            traces[graph] = m.cache.dump_trace()
+    assert set(traces["per_head"]) == set(traces["fused"])
+    for name, a in traces["per_head"].items():
+        np.testing.assert_array_equal(a, traces["fused"][name], err_msg=name)
 
 
 def test_lora_q_starts_as_a_no_op_and_then_changes_q(llama_path):
@@ -226,9 +247,9 @@ def test_graph_builders_share_weights_and_kv_cache(llama_path):
     """One cache, two graph builders: positions written by the per-head graph are read by the
     fused-heads graph and the other way round, giving exactly the logits of either alone."""
     tokens = [65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76]
-    with toy_llm.load(llama_path, max_T=64) as m:
+    with toy_llm.load(llama_path, max_T=64, graph="per_head") as m:
         per_head = m.eval(tokens)
-    with toy_llm.load(llama_path, max_T=64, fused_heads=True) as m:
+    with toy_llm.load(llama_path, max_T=64, n_batch=1) as m:
         fused = m.eval(tokens)
         m.reset()
         mixed = []
@@ -245,21 +266,25 @@ def test_fused_heads_says_what_it_cannot_do(tmp_path, llama_path):
     with pytest.raises(RuntimeError, match="LoRA-Q adapters are per head"):
         cache.enable_fused_heads()
     per_head = synthetic.write_per_head(llama_path, tmp_path / "per-head.gguf")
-    with pytest.raises(ValueError, match="stores them per head"):
-        toy_llm.load(per_head, max_T=16, fused_heads=True)
-    with toy_llm.load(llama_path, max_T=16) as m:     # realized without the whole projections
-        m.cache.fused_heads = True
-        with pytest.raises(RuntimeError, match="enable_fused_heads before realize"):
-            m.eval([65])
+    with pytest.raises(ValueError, match=r"per-head\.gguf.*one tensor per head.*graph='per_head'"):
+        toy_llm.load(per_head, max_T=16)
+    with toy_llm.load(per_head, max_T=16, graph="per_head") as m:
+        assert m.eval([65]).shape == (1, m.config.vocab)
+        m.cache.fused_heads = True     # switching later: the fused block says why it cannot run
+        with pytest.raises(ValueError, match="stores them per head"):
+            m.eval([66])
 
 
 def test_batched_eval_says_what_it_cannot_do(llama_path):
-    with pytest.raises(ValueError, match="n_batch must be 1, or > 1 with fused_heads"):
-        toy_llm.load(llama_path, max_T=16, n_batch=8)
-    with toy_llm.load(llama_path, max_T=16) as m:
-        with pytest.raises(RuntimeError, match="needs the fused-heads builder"):
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="n_batch must be a positive int"):
+            toy_llm.load(llama_path, max_T=16, n_batch=bad)
+    with pytest.raises(ValueError, match="graph must be one of"):
+        toy_llm.load(llama_path, max_T=16, graph="fast")
+    with toy_llm.load(llama_path, max_T=16, graph="per_head") as m:
+        with pytest.raises(RuntimeError, match="needs the fused graph"):
             m.cache.step_batch([65, 66], 0)
-    with toy_llm.load(llama_path, max_T=16, fused_heads=True, n_batch=8) as m:
+    with toy_llm.load(llama_path, max_T=16, n_batch=8) as m:
         with pytest.raises(ValueError, match="outside the vocabulary"):
             m.cache.step_batch([65, 10**6], 0)
         with pytest.raises(ValueError, match="outside the cache"):
@@ -271,25 +296,24 @@ def test_batched_eval_says_what_it_cannot_do(llama_path):
 
 @pytest.mark.parametrize("kv_type", ["f32", "q8_0"])
 def test_fused_heads_traced_steps_match_replayed_ones(llama_path, kv_type):
-    """Tracing rebuilds the fused graph every step (a tap per tensor) instead of replaying it, and
-    writes the cache with copies instead of set_rows: the same logits either way."""
+    """Tracing rebuilds the fused graph every step (a tap per tensor) instead of replaying it: the
+    same logits either way."""
     tokens = [65, 66, 67, 68, 69, 70]
-    with toy_llm.load(llama_path, max_T=64, kv_type=kv_type, fused_heads=True) as m:
+    with toy_llm.load(llama_path, max_T=64, kv_type=kv_type, n_batch=1) as m:
         replayed = m.eval(tokens)
         m.reset()
         m.cache.enable_trace()
         traced = m.eval(tokens)
         taps = m.cache.dump_trace()
     np.testing.assert_array_equal(traced, replayed)
-    assert taps["L0.q_all_rot"].size == m.config.n_heads * m.config.head_dim
-    assert taps["logits"].size == m.config.vocab
+    assert taps["blocks.0.attn.hook_q"].shape == (1, m.config.n_heads, m.config.head_dim)
+    assert taps["hook_logits"].shape == (1, m.config.vocab)
 
 
 def test_cli_bench_times_both_engines_on_the_same_file(capsys, llama_path):
     pytest.importorskip("llama_cpp", reason="--llama-cpp times llama-cpp-python")
-    assert cli_main(["bench", "-m", str(llama_path), "-n", "4", "--fused-heads", "--batch", "16",
-                     "--llama-cpp"]) == 0
+    assert cli_main(["bench", "-m", str(llama_path), "-n", "4", "--batch", "16", "--llama-cpp"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("prompt 128 tokens")]
     assert len(lines) == 2
-    assert "fused-heads graph" in lines[0] and "(batch 16)" in lines[0]
+    assert "fused graph" in lines[0] and "(batch 16)" in lines[0]
     assert "llama-cpp-python 0.3.36" in lines[1] and "(batch 16)" in lines[1]

@@ -65,16 +65,17 @@ def teacher_tokens(path) -> list[int]:
     return _TOKENS["ids"]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_one_position_per_graph"])
 @pytest.mark.parametrize("kv_type,flash", KV_SETTINGS, ids=["kv_f32", "kv_q8_0_fa"])
 @pytest.mark.parametrize("family,wtype", MATRIX, ids=[f"{f}-{t}" for f, t in MATRIX])
 def test_family_weight_type_logits(model_dir, family, wtype, kv_type, flash, fused):
     path = model_file(model_dir, family, wtype)
     tokens = teacher_tokens(path)
     ref = ubatch_logits(path, tokens, kv_type, flash, n_ctx=256)
-    with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
+    with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash,
+                      graph="fused" if fused else "per_head", n_batch=1) as m:
         ours = m.eval(tokens)
-    max_abs, agree = report(f"{family} {wtype} kv={kv_type}{' fused-heads' if fused else ''}", ours, ref)
+    max_abs, agree = report(f"{family} {wtype} kv={kv_type}{' fused' if fused else ' per-head'}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
 
@@ -91,14 +92,14 @@ def test_batched_prefill_matches_llama_cpp_batched(model_dir, family, wtype, kv_
     tokens = teacher_tokens(path)
     for n_batch in (N_POS, 20):
         ref = ubatch_logits(path, tokens, kv_type, flash, n_batch, n_ctx=256)
-        with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=n_batch) as m:
+        with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, n_batch=n_batch) as m:
             ours = m.eval(tokens)
         max_abs, agree = report(f"{family} {wtype} kv={kv_type} batched n_batch={n_batch}", ours, ref)
         assert agree == 1.0
         assert max_abs <= BOUND
     # only the last position's logits (the last layer runs on it alone, llama.cpp's inp_out_ids)
     ref_last = ubatch_logits(path, tokens, kv_type, flash, 20, n_ctx=256, last_only=True)
-    with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=20) as m:
+    with toy_llm.load(path, max_T=256, kv_type=kv_type, flash_attn=flash, n_batch=20) as m:
         last = m.eval(tokens, all_logits=False)
     max_abs, agree = report(f"{family} {wtype} kv={kv_type} batched n_batch=20, last logits only", last, ref_last)
     assert agree == 1.0 and max_abs <= BOUND
@@ -107,16 +108,16 @@ def test_batched_prefill_matches_llama_cpp_batched(model_dir, family, wtype, kv_
 COPY_MATRIX = [("llama", t) for t in ALL_TYPES] + [(f, "Q4_K") for f in synthetic.FAMILIES if f != "llama"]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_one_position_per_graph"])
 @pytest.mark.parametrize("family,wtype", COPY_MATRIX, ids=[f"{f}-{t}" for f, t in COPY_MATRIX])
 def test_copy_loader_matches_llama_cpp(model_dir, family, wtype, fused):
     """The seed's legacy path (realize_for + load_weights) with the file's own types."""
     path = model_file(model_dir, family, wtype)
     tokens = teacher_tokens(path)[:24]
     ref = ubatch_logits(path, tokens, n_ctx=256)
-    with toy_llm.load(path, max_T=256, loader="copy", fused_heads=fused) as m:
+    with toy_llm.load(path, max_T=256, loader="copy", graph="fused" if fused else "per_head", n_batch=1) as m:
         ours = m.eval(tokens)
-    max_abs, agree = report(f"{family} {wtype} copy loader{' fused-heads' if fused else ''}", ours, ref)
+    max_abs, agree = report(f"{family} {wtype} copy loader{' fused' if fused else ' per-head'}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
 
@@ -161,7 +162,8 @@ def test_copy_loader_converts_weight_types(model_dir, src_type, weight_type):
 def test_greedy_32_tokens_identical(model_dir, family):
     path = model_file(model_dir, family, "Q4_K")
     prompt = "The river ran quietly past the old mill"
-    _, ref_text = greedy_reference(path, prompt, 32, n_ctx=256)
+    # both sides' defaults: llama.cpp n_batch = n_ubatch = 512 (the prompt in one ubatch, its last logits only)
+    _, ref_text = greedy_reference(path, prompt, 32, n_ctx=256, n_batch=512, logits_all=False)
     with toy_llm.load(path, max_T=256) as m:
         text = m.generate(prompt, max_new_tokens=32)
     print(f"\n[greedy] {family}: {text!r}")
@@ -178,9 +180,11 @@ def test_per_head_checkpoint_round_trip(model_dir, family, wtype):
     if not per_head.exists():
         synthetic.write_per_head(fused, per_head)
     tokens = teacher_tokens(fused)[:20]
-    with toy_llm.load(fused, max_T=64) as m:
+    with toy_llm.load(fused, max_T=64, n_batch=1) as m:
         ref = m.eval(tokens)
-    with toy_llm.load(per_head, max_T=64) as m:
+    with pytest.raises(ValueError, match="graph='per_head'"):
+        toy_llm.load(per_head, max_T=64)
+    with toy_llm.load(per_head, max_T=64, graph="per_head") as m:
         assert m.cache.per_head_attn
         ours = m.eval(tokens)
     np.testing.assert_array_equal(ours, ref)

@@ -34,21 +34,23 @@ def tokens(gemma3):
         llm.close()
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_one_position_per_graph"])
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
 def test_gemma3_teacher_forced_logits(gemma3, tokens, kv_type, flash, fused):
     ref = ubatch_logits(gemma3, tokens, kv_type, flash, n_ctx=256)
-    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
+    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash,
+                      graph="fused" if fused else "per_head", n_batch=1) as m:
         assert m.tokenize(PARITY_TEXT)[:48] == tokens
         ours = m.eval(tokens)
-    max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type}{' fused-heads' if fused else ''}", ours, ref)
+    max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type}{' fused' if fused else ' per-head'}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
 
 
 def test_gemma3_greedy_32_tokens(gemma3):
     prompt = "The capital of France is"
-    ids, ref_text = greedy_reference(gemma3, prompt, 32, add_bos=True, n_ctx=256)
+    # both sides' defaults: llama.cpp n_batch = n_ubatch = 512, last logits of the prompt only
+    ids, ref_text = greedy_reference(gemma3, prompt, 32, add_bos=True, n_ctx=256, n_batch=512, logits_all=False)
     with toy_llm.load(gemma3, max_T=256) as m:
         assert m.tokenize(prompt) == ids
         text = m.generate(prompt, max_new_tokens=32)
@@ -60,7 +62,7 @@ def test_gemma3_greedy_32_tokens(gemma3):
 def test_gemma3_batched_prefill(gemma3, tokens, kv_type, flash):
     """48 positions in one fused-heads graph against llama.cpp's one ubatch of 48."""
     ref = ubatch_logits(gemma3, tokens, kv_type, flash, 48, n_ctx=256)
-    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=48) as m:
+    with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash, n_batch=48) as m:
         ours = m.eval(tokens)
     max_abs, agree = report(f"Gemma 3 270M Q4_K_M kv={kv_type} batched prefill", ours, ref)
     assert agree == 1.0

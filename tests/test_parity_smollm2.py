@@ -55,22 +55,23 @@ def tokens(smollm2):
 ])
 def test_teacher_forced_logits_match_llama_cpp(smollm2, tokens, kv_type, flash, loader, fused):
     ref = ubatch_logits(smollm2, tokens, kv_type, flash)
-    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, loader=loader, fused_heads=fused) as m:
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, loader=loader,
+                      graph="fused" if fused else "per_head", n_batch=1) as m:
         ours = m.eval(tokens)
         assert m.n_past == len(tokens)
     assert ours.shape == ref.shape == (N_TEACHER, m.config.vocab)
-    graph = "fused-heads" if fused else "per-head"
+    graph = "fused, one position per graph" if fused else "per-head"
     max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} flash={flash} loader={loader} {graph}", ours, ref)
     assert agree == 1.0, "argmax differs from llama.cpp at some position"
     assert max_abs <= BOUND
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_heads"])
+@pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_one_position_per_graph"])
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
 def test_greedy_64_tokens_identical_text(smollm2, kv_type, flash, fused):
     prompt = "The capital of France is"
     prompt_ids, ref_text = greedy_reference(smollm2, prompt, 64, kv_type=kv_type, flash_attn=flash)
-    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=fused) as m:
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, graph="fused" if fused else "per_head", n_batch=1) as m:
         assert m.tokenize(prompt) == prompt_ids
         text = m.generate(prompt, max_new_tokens=64)
     print(f"\n[greedy] kv={kv_type}: llama.cpp {ref_text!r}\n[greedy] kv={kv_type} fused={fused}: toy_llm {text!r}")
@@ -98,7 +99,7 @@ def test_chat_prompt_tokenizes_like_llama_cpp(smollm2):
 
 def test_eval_advances_cache_like_one_pass(smollm2, tokens):
     """Feeding tokens in pieces gives the same logits as one call (the cache carries the context)."""
-    with toy_llm.load(smollm2, max_T=256) as m:
+    with toy_llm.load(smollm2, max_T=256, n_batch=1) as m:   # the same graph for every position
         whole = m.eval(tokens[:40])
         m.reset()
         parts = np.concatenate([m.eval(tokens[:13]), m.eval(tokens[13:40])])
@@ -141,16 +142,15 @@ def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, fla
     ubatches of the same size: the batched kernels (GEMM instead of GEMV, Q8 activations of several
     rows) give numbers of their own, and they are llama.cpp's own."""
     ref = ubatch_logits(smollm2, tokens, kv_type, flash, n_batch)
-    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True,
-                      n_batch=n_batch) as m:
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, n_batch=n_batch) as m:
+        assert m.options.graph == "fused"   # the default graph
         ours = m.eval(tokens)
     max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} batched prefill n_batch={n_batch}", ours, ref)
     assert agree == 1.0
     assert max_abs <= BOUND
     # only the last position's logits: llama.cpp then runs the last layer on that position alone
     ref_last = ubatch_logits(smollm2, tokens, kv_type, flash, n_batch, last_only=True)
-    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True,
-                      n_batch=n_batch) as m:
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, n_batch=n_batch) as m:
         last = m.eval(tokens, all_logits=False)
     assert last.shape == (1, m.config.vocab)
     max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} batched prefill n_batch={n_batch}, last logits only",
@@ -160,12 +160,13 @@ def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, fla
 
 @pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
 def test_greedy_after_batched_prompt_identical_text(smollm2, kv_type, flash):
-    """llama.cpp's default way of generating: the prompt as one batch whose last position alone gets
-    logits, then one token a step."""
+    """The defaults on both sides: llama.cpp's default way of generating (n_batch = n_ubatch = 512: the
+    prompt as one batch whose last position alone gets logits, then one token a step) against
+    toy_llm.load's defaults (the fused graph, n_batch 512)."""
     prompt = "The capital of France is"
     _, ref_text = greedy_reference(smollm2, prompt, 64, kv_type=kv_type, flash_attn=flash, n_batch=512,
                                    logits_all=False)
-    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, fused_heads=True, n_batch=512) as m:
+    with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash) as m:
         text = m.generate(prompt, max_new_tokens=64)
     print(f"\n[greedy] batched prompt, kv={kv_type}: llama.cpp {ref_text!r}\n"
           f"[greedy] batched prompt, kv={kv_type}: toy_llm   {text!r}")

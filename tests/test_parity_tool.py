@@ -73,10 +73,12 @@ def test_cli_parity_layers_smollm2_no_divergence(smollm2, capsys):
     assert m and int(m.group(1)) == 8 and float(m.group(2)) == 0.0 and m.group(3) == "100.0"
 
 
+@pytest.mark.parametrize("graph", ["fused", "per_head"])
 @pytest.mark.parametrize("which,layer", [("small", 1), ("small", 0), ("smollm2", 1)])
-def test_planted_attn_norm_error_is_located(request, which, layer):
+def test_planted_attn_norm_error_is_located(request, which, layer, graph):
     path = request.getfixturevalue("planted_model" if which == "small" else "smollm2")
-    rep = compare(path, PROMPT, n_positions=3, mutate=flip_attn_norm(layer))
+    rep = compare(path, PROMPT, n_positions=3, graph=graph, mutate=flip_attn_norm(layer))
+    assert rep.graph == graph
     first = rep.first_divergence
     print("\n" + format_report(rep).split("\n\nlayer 2\n")[0])
     assert first is not None

@@ -11,6 +11,9 @@ import argparse
 import sys
 import time
 
+from .engine.options import GRAPHS, LLAMA_N_BATCH
+from .ggml_types import KV_TYPES
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
@@ -19,14 +22,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--backend", choices=("cpu", "cuda", "metal"), default="cpu",
                    help="ggml backend; falls back to CPU when not compiled in (default cpu)")
-    p.add_argument("--kv-type", choices=("f32", "q8_0"), default="f32",
+    p.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f32",
                    help="KV cache type; q8_0 also turns flash attention on (default f32)")
     p.add_argument("--flash-attn", action="store_true", help="use ggml_flash_attn_ext for attention")
-    p.add_argument("--fused-heads", action="store_true",
-                   help="all heads of a layer in one tensor: ~4x fewer graph nodes, same logits")
-    p.add_argument("--batch", type=int, default=1, metavar="N",
-                   help="with --fused-heads: evaluate prompts N positions per graph, as llama.cpp's "
-                        "n_batch/n_ubatch (default 1: one position per graph)")
+    p.add_argument("--graph", choices=GRAPHS, default="fused",
+                   help="fused: all heads of a layer in one tensor, llama.cpp's graph (default); per_head: "
+                        "the seed's graph, every query head its own chain, one position per graph (same logits "
+                        "as llama.cpp fed one token at a time, ~half the speed)")
+    p.add_argument("--batch", type=int, default=LLAMA_N_BATCH, metavar="N",
+                   help=f"fused graph: evaluate prompts N positions per graph, as llama.cpp's n_batch = n_ubatch "
+                        f"(default {LLAMA_N_BATCH}, llama.cpp's default; 1: one position per graph)")
     p.add_argument("--loader", choices=("mmap", "copy"), default="mmap",
                    help="mmap: weights point into the file; copy: the seed's realize_for + load_weights path")
 
@@ -35,9 +40,8 @@ def _load(args):
     from . import load
 
     return load(args.model, max_T=args.max_t, n_threads=args.threads, backend=args.backend,
-                kv_type=args.kv_type, flash_attn=args.flash_attn, loader=args.loader, fused_heads=args.fused_heads,
-                n_batch=args.batch,
-                progress=args.loader == "copy")
+                kv_type=args.kv_type, flash_attn=args.flash_attn, loader=args.loader, graph=args.graph,
+                n_batch=args.batch, progress=args.loader == "copy")
 
 
 def cmd_generate(args) -> int:
@@ -121,13 +125,18 @@ def cmd_bench(args) -> int:
     with m:
         ids = m.tokenize(BENCH_PROMPT)[:128]
         tp, td = _time_prompt_and_decode(lambda toks: m.eval(toks, all_logits=False)[-1], ids, args.n)
-        print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s (batch {args.batch}); decode {args.n} tokens: "
-              f"{args.n / td:.1f} tok/s ({'fused-heads' if args.fused_heads else 'per-head'} graph, "
+        print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s (batch {_batch(m)}); decode {args.n} tokens: "
+              f"{args.n / td:.1f} tok/s ({m.options.graph} graph, "
               f"{tnn.tnn_graph_n_nodes(m.cache.sess)} nodes, backend {tnn.tnn_backend_name(m.cache.sess)}, "
               f"{m.cache.n_threads} threads, kv {args.kv_type})")
         if args.llama_cpp:
             _bench_llama_cpp(m, args, ids)
     return 0
+
+
+def _batch(m) -> int:
+    """Positions per graph in a prompt: n_batch for the fused graph, 1 for the per-head one."""
+    return m.options.n_batch if m.options.fused else 1
 
 
 def _time_prompt_and_decode(eval_last, ids, n):
@@ -149,8 +158,8 @@ def _bench_llama_cpp(m, args, ids) -> None:
         import llama_cpp
     except ImportError:
         raise SystemExit("--llama-cpp needs llama-cpp-python (installed by `make test`)")
-    kv = {"f32": 0, "q8_0": 8}[args.kv_type]
-    llm = llama_cpp.Llama(str(m.path), n_ctx=512, n_batch=args.batch, n_ubatch=args.batch, verbose=False,
+    kv = KV_TYPES[args.kv_type]
+    llm = llama_cpp.Llama(str(m.path), n_ctx=512, n_batch=_batch(m), n_ubatch=_batch(m), verbose=False,
                           n_threads=m.cache.n_threads, type_k=kv, type_v=kv,
                           flash_attn=args.flash_attn or args.kv_type == "q8_0")
 
@@ -162,7 +171,7 @@ def _bench_llama_cpp(m, args, ids) -> None:
         tp, td = _time_prompt_and_decode(eval_last, ids, args.n)
     finally:
         llm.close()
-    print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s (batch {args.batch}); decode {args.n} tokens: "
+    print(f"prompt {len(ids)} tokens: {len(ids) / tp:.1f} tok/s (batch {_batch(m)}); decode {args.n} tokens: "
           f"{args.n / td:.1f} tok/s (llama-cpp-python {llama_cpp.__version__}, {m.cache.n_threads} threads, "
           f"kv {args.kv_type})")
 
@@ -171,7 +180,8 @@ def cmd_parity(args) -> int:
     from .parity import compare, format_report
 
     rep = compare(args.model_path, args.prompt, n_positions=args.n, kv_type=args.kv_type,
-                  flash_attn=args.flash_attn, tol=args.tol, layers=args.layers, n_threads=args.threads)
+                  flash_attn=args.flash_attn, graph=args.graph, tol=args.tol, layers=args.layers,
+                  n_threads=args.threads)
     print(format_report(rep, layers=args.layers))
     return 0
 
@@ -222,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("model_path", metavar="MODEL.gguf", help="GGUF file")
     pa.add_argument("--prompt", required=True, help="prompt text (tokenized with the GGUF's BOS rule)")
     pa.add_argument("--layers", action="store_true", help="per-layer tensor table and first divergence")
-    pa.add_argument("--kv-type", choices=("f32", "q8_0"), default="f32",
+    pa.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f32",
                     help="KV cache type on both sides; q8_0 also turns flash attention on (default f32)")
     pa.add_argument("--flash-attn", action="store_true", help="flash attention on both sides")
+    pa.add_argument("--graph", choices=GRAPHS, default="fused", help="our attention block (default fused)")
     pa.add_argument("-n", type=int, default=None,
                     help="positions to compare (default: the prompt's tokens; more continues greedily "
                          "with llama.cpp's argmax)")

@@ -1,8 +1,8 @@
 """The public API: ``toy_llm.load(...)`` -> :class:`Model` (eval, generate, tokenize).
 
-Scripts, the CLI and our parity checks call exactly this. ``Model.eval`` runs
-the seed's per-head decode graph (``SmolLM2KVFFICache.build_decode_step``)
-one position at a time.
+Scripts, the CLI and our parity checks call exactly this. By default ``Model.eval`` runs the
+fused graph, prompts in ubatches of ``n_batch`` = 512 positions as llama.cpp's defaults;
+``graph="per_head"`` runs the seed's per-head graph one position at a time.
 """
 from __future__ import annotations
 
@@ -15,26 +15,26 @@ import numpy as np
 
 from . import tinynn as tnn
 from .engine.kv_cache import SmolLM2KVFFICache
+from .engine.options import LLAMA_N_BATCH, EngineOptions
 from .gguf_load import ModelConfig, load_config
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer
-
-KV_TYPES = ("f32", "q8_0")
-LOADERS = ("mmap", "copy")
 
 
 class Model:
     """A loaded model: its config, tokenizer, and the engine cache holding weights + KV."""
 
-    def __init__(self, path: Path, config: ModelConfig, cache: SmolLM2KVFFICache, tokenizer: Tokenizer,
-                 n_batch: int = 1):
+    def __init__(self, path: Path, config: ModelConfig, cache: SmolLM2KVFFICache, tokenizer: Tokenizer):
         self.path = path
         self.config = config
         self.cache = cache
         self.tokenizer = tokenizer
         self.n_past = 0
-        self.n_batch = int(n_batch)  # positions per graph when eval takes a prompt
         self.last_stats: dict[str, float] = {}
+
+    @property
+    def options(self) -> EngineOptions:
+        return self.cache.options
 
     # ---------------------------------------------------------------- text
 
@@ -70,16 +70,18 @@ class Model:
     def eval(self, tokens, all_logits: bool = True) -> np.ndarray:
         """Logits float32 [len(tokens), vocab] of each new position; the cache advances.
 
-        ``all_logits=False`` returns only the last position's [1, vocab]; with ``n_batch > 1`` the
-        batches then skip the rest of the last layer and the output matrix for the other
-        positions, as llama.cpp does for a prompt (generate uses this)."""
+        The fused graph evaluates several tokens in ubatches of ``n_batch`` positions, as llama.cpp
+        does; ``all_logits=False`` returns only the last position's [1, vocab], and the batches then
+        skip the rest of the last layer and the output matrix for the other positions, as llama.cpp
+        does for a prompt (generate uses this)."""
         tokens = [int(t) for t in tokens]
         if self.n_past + len(tokens) > self.cache.max_T:
             raise ValueError(f"context full: n_past={self.n_past} + {len(tokens)} tokens > max_T={self.cache.max_T}")
-        if self.n_batch > 1 and len(tokens) > 1:
+        n_batch = self.options.n_batch
+        if self.options.fused and n_batch > 1 and len(tokens) > 1:
             parts = []
-            for i in range(0, len(tokens), self.n_batch):   # chunks, as llama.cpp's ubatches
-                chunk = tokens[i:i + self.n_batch]
+            for i in range(0, len(tokens), n_batch):   # chunks, as llama.cpp's ubatches
+                chunk = tokens[i:i + n_batch]
                 parts.append(self.cache.step_batch(chunk, self.n_past, all_logits=all_logits))
                 self.n_past += len(chunk)
             return np.concatenate(parts) if all_logits else parts[-1]
@@ -186,56 +188,40 @@ def _stop_safe_len(text: str, stop: list[str]) -> int:
 
 def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: int | None = None,
          backend: str = "cpu", kv_type: str = "f32", flash_attn: bool = False, loader: str = "mmap",
-         weight_type: int | None = None, progress: bool = False, fused_heads: bool = False,
-         n_batch: int = 1) -> Model:
+         weight_type: int | None = None, progress: bool = False, graph: str = "fused",
+         n_batch: int = LLAMA_N_BATCH) -> Model:
     """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
 
-    ``loader="mmap"`` points weights into the mapped file (no copy); ``loader="copy"`` takes the
-    seed's legacy path (``realize_for`` + ``load_weights``) with 2-D weights at ``weight_type``
-    (default: the file's own type; 0 = F32, 8 = Q8_0). ``kv_type="q8_0"`` also turns flash
-    attention on, as in the seed. ``fused_heads=True`` builds the faster fused-heads graph
-    (same logits) instead of the seed's per-head graph. ``n_batch > 1`` (fused heads only) evaluates
-    a prompt in graphs of up to ``n_batch`` positions, as llama.cpp's ubatches (its logits then are
-    llama.cpp's with the same n_batch/n_ubatch); 1 evaluates one position per graph.
+    ``graph="fused"`` (default) builds llama.cpp's graph, all heads of a layer in one tensor, and
+    evaluates prompts in ubatches of ``n_batch`` positions (llama.cpp's default, 512: its logits then
+    equal llama.cpp's with the same n_batch = n_ubatch); ``graph="per_head"`` builds the seed's
+    per-head graph, one position per graph. ``loader="mmap"`` points weights into the mapped file
+    (no copy); ``loader="copy"`` takes the seed's legacy path (``realize_for`` + ``load_weights``)
+    with 2-D weights at ``weight_type`` (default: the file's own type; 0 = F32, 8 = Q8_0).
+    ``kv_type="q8_0"`` also turns flash attention on, as in the seed.
     """
+    opts = EngineOptions(backend=backend, n_threads=n_threads or os.cpu_count(), kv_type=kv_type,
+                         flash_attn=flash_attn, graph=graph, n_batch=n_batch, loader=loader, weight_type=weight_type)
+    if type(max_T) is not int or max_T < 1:
+        raise ValueError(f"max_T must be a positive int, got {max_T!r}")
     if path is None:
         from .fetch import default_model_path
 
         path = default_model_path()
     path = Path(path)
-    if kv_type not in KV_TYPES:
-        raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
-    if loader not in LOADERS:
-        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     cfg = load_config(path)
     tok = Tokenizer.from_gguf(path)
-    cache = SmolLM2KVFFICache(backend=backend, n_threads=n_threads or os.cpu_count())
+    cache = SmolLM2KVFFICache(options=opts)
     cache.apply_config(cfg)
-    if kv_type == "q8_0":
-        cache.enable_kv_q8()
-    if flash_attn:
-        cache.enable_flash_attn()
-    if fused_heads:
-        cache.enable_fused_heads()
-    if n_batch < 1 or (n_batch > 1 and not fused_heads):
-        raise ValueError(f"n_batch must be 1, or > 1 with fused_heads=True; got {n_batch}")
-    max_T = min(int(max_T), cfg.context_length) if cfg.context_length else int(max_T)
+    max_T = min(max_T, cfg.context_length) if cfg.context_length else max_T
     if loader == "mmap":
-        g = tnn.tnn_gguf_load(str(path))
-        try:
-            cache.realize_for_mmap(g, cfg, max_T, cfg.untied_output, cfg.qkv_bias, cfg.qk_norm_kind != 0)
-        except Exception:
-            cache.close() if cache.gguf_handle_keepalive is not None else tnn.tnn_gguf_free(g)
-            raise
+        cache.realize_for_mmap(tnn.tnn_gguf_load(str(path)), cfg, max_T, cfg.untied_output, cfg.qkv_bias)
     else:
-        if weight_type is None:
-            # byte-for-byte copy of each tensor in the file's own type (the embedding too: tied models
-            # reuse it as the output matrix, and an F32 copy would change the logits)
-            cache.set_weight_type(cfg.weight_type)
-            cache.copy_file_types = cfg.tensor_types
-        else:
-            cache.set_weight_type(weight_type)
         cache.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,
                           cfg.rope_base, cfg.rms_eps, cfg.untied_output, cfg.qkv_bias, d_head=cfg.head_dim)
-        cache.load_weights(str(path), progress=progress)
-    return Model(path, cfg, cache, tok, n_batch)
+        try:
+            cache.load_weights(str(path), progress=progress)
+        except BaseException:
+            cache.close()
+            raise
+    return Model(path, cfg, cache, tok)

@@ -27,33 +27,33 @@ import numpy as np
 
 LLAMA_CPP_VERSION = "0.3.36"
 
-# (row id, label, head-0 slice?, ((our tap suffix "L{L}.<suffix>", llama.cpp base name "<name>-L"), ...)).
+# (row id, label, head-0 slice?, ((our hook point "blocks.{L}.<name>", llama.cpp base name "<name>-L"), ...)).
+# Our side is the engine's hook-point table (toy_llm/engine/hook_points.py), the same in both graphs.
 # Order = graph order inside a layer. The first pair of a row is the llama-arch one, verified on
 # SmolLM2 (every pair bit-identical); the others are where an arch names the same quantity
 # differently, each verified bit-identical on toy_llm.testing.synthetic's models (gemma2/gemma3:
 # sa_out; mixtral/qwen3moe: ffn_moe_out). The pair used is the first one both engines produce.
 LAYER_ROWS: tuple[tuple[str, str, bool, tuple[tuple[str, str], ...]], ...] = (
-    ("attn_norm", "attn_norm", False, (("rn1", "attn_norm"),)),
-    ("q", "q (rope, head 0)", True, (("q_rot", "Qcur"),)),       # the LAST "Qcur-L" is the rope output
-    ("k", "k (rope, head 0)", True, (("k_rot", "Kcur"),)),
-    ("v", "v (head 0)", True, (("v_new", "Vcur"),)),
-    ("kqv_out", "kqv_out", False, (("concat", "kqv_out"),)),
-    ("attn_out", "attn_out (o-proj)", False, (("attn_out", "attn_out"),)),
-    ("ffn_inp", "ffn_inp (residual)", False, (("post_attn", "ffn_inp"), ("post_attn", "sa_out"))),
-    ("ffn_out", "ffn_out", False, (("dn", "ffn_out"), ("moe_out", "ffn_moe_out"))),
-    ("l_out", "l_out", False, (("post_ffn", "l_out"),)),
+    ("attn_norm", "attn_norm", False, (("ln1.hook_normalized", "attn_norm"),)),
+    ("q", "q (rope, head 0)", True, (("attn.hook_q", "Qcur"),)),       # the LAST "Qcur-L" is the rope output
+    ("k", "k (rope, head 0)", True, (("attn.hook_k", "Kcur"),)),
+    ("v", "v (head 0)", True, (("attn.hook_v", "Vcur"),)),
+    ("kqv_out", "kqv_out", False, (("attn.hook_z", "kqv_out"),)),
+    ("attn_out", "attn_out (o-proj)", False, (("hook_attn_out", "attn_out"),)),
+    ("ffn_inp", "ffn_inp (residual)", False, (("hook_resid_mid", "ffn_inp"), ("hook_resid_mid", "sa_out"))),
+    ("ffn_out", "ffn_out", False, (("hook_mlp_out", "ffn_out"), ("hook_mlp_out", "ffn_moe_out"))),
+    ("l_out", "l_out", False, (("hook_resid_post", "l_out"),)),
 )
-# (row id, label, our tap name, llama.cpp name)
+# (row id, label, our hook point, llama.cpp name)
 FINAL_ROWS: tuple[tuple[str, str, str, str], ...] = (
-    ("result_norm", "final norm", "final_norm", "result_norm"),
-    ("result_output", "logits", "logits", "result_output"),
+    ("result_norm", "final norm", "ln_final.hook_normalized", "result_norm"),
+    ("result_output", "logits", "hook_logits", "result_output"),
 )
 _LAYER_REF_NAMES = {ref for r in LAYER_ROWS for _, ref in r[3]}
 _FINAL_REF_NAMES = {r[3] for r in FINAL_ROWS}
 
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16 = 0, 1, 30
-GGML_TYPE_Q8_0 = 8
-_KV_TYPES = {"f32": GGML_TYPE_F32, "q8_0": GGML_TYPE_Q8_0}
+from .ggml_types import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32  # noqa: E402
+from .ggml_types import KV_TYPES as _KV_TYPES  # noqa: E402
 
 
 class ParityToolError(RuntimeError):
@@ -110,6 +110,7 @@ class ParityReport:
     n_layers: int = 0
     layers: bool = True
     notes: list[str] = field(default_factory=list)               # how a pairing was adjusted
+    graph: str = "fused"                                         # our attention block
 
     @property
     def max_abs_logit(self) -> float:
@@ -303,16 +304,17 @@ class _LlamaRef:
 
 # ---------------------------------------------------------------------------- compare
 
-def _head0(ref: np.ndarray, ours: np.ndarray) -> np.ndarray | None:
-    """Head 0 of llama.cpp's [head_dim, n_head, n_tokens] tensor (numpy (n_tokens, n_head, head_dim))."""
-    hd = ours.size
+def _head0(ref: np.ndarray, ours: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Head 0 of ours ([tokens, heads, head_dim]) and of llama.cpp's [head_dim, n_head, n_tokens]
+    tensor (numpy (n_tokens, n_head, head_dim))."""
+    hd = ours.shape[-1]
     if ref.ndim < 2 or ref.shape[-1] != hd:
         return None
-    return ref.reshape(-1, hd)[0]
+    return ours.reshape(-1, hd)[0], ref.reshape(-1, hd)[0]
 
 
 def compare(model_path, prompt_or_tokens: str | Sequence[int], *, n_positions: int | None = None,
-            kv_type: str = "f32", flash_attn: bool = False, mutate: Callable | None = None,
+            kv_type: str = "f32", flash_attn: bool = False, graph: str = "fused", mutate: Callable | None = None,
             tol: float = 1e-3, layers: bool = True, n_threads: int | None = 1,
             progress: Callable[[int, int], None] | None = None) -> ParityReport:
     """Run our engine and llama.cpp on the same tokens, one position at a time, and pair tensors.
@@ -321,7 +323,8 @@ def compare(model_path, prompt_or_tokens: str | Sequence[int], *, n_positions: i
     ``n_positions``: compare this many positions; fewer truncates the prompt, more continues it
     greedily with llama.cpp's argmax (both engines then see the same tokens).
     ``mutate(model)`` is called on our loaded :class:`toy_llm.Model` before running (plant an error).
-    ``layers=False`` compares the logits only (no traces, faster).
+    ``layers=False`` compares the logits only (no traces, faster). ``graph``: our attention block
+    ("fused", the default, or "per_head"); both run one position per graph here.
     ``n_threads`` (both engines; None = all cores) defaults to 1: one token at a time through a
     small model is dominated by thread barriers, and llama.cpp's eval callback splits its graph into
     hundreds of tiny computes (7x faster on an idle 2-core machine, far more on a busy one). The
@@ -355,7 +358,7 @@ def compare(model_path, prompt_or_tokens: str | Sequence[int], *, n_positions: i
     # same context length on both sides: the attended KV length (padded to 256) must match
     n_ctx = max(512, -(-n // 256) * 256)
 
-    model = load(path, max_T=n_ctx, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn)
+    model = load(path, max_T=n_ctx, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, graph=graph)
     ref = None
     try:
         if model.cache.max_T < n:
@@ -369,15 +372,15 @@ def compare(model_path, prompt_or_tokens: str | Sequence[int], *, n_positions: i
             raise ParityToolError(f"vocab size differs: ours {model.config.vocab}, llama.cpp {ref.n_vocab}")
         L = model.config.n_layers
         rep = ParityReport(model_path=path, arch=model.config.arch, tokens=[], kv_type=kv_type,
-                           flash_attn=flash_attn, tol=tol, n_layers=L, layers=layers)
+                           flash_attn=flash_attn, tol=tol, graph=graph, n_layers=L, layers=layers)
         if layers:
             for il in range(L):
                 for rid, label, _, pairs in LAYER_ROWS:
-                    names = tuple((f"L{il}.{o}", f"{r}-{il}") for o, r in pairs)
+                    names = tuple((f"blocks.{il}.{o}", f"{r}-{il}") for o, r in pairs)
                     rep.rows.append(TensorDiff(il, rid, label, *names[0], alts=names[1:]))
             for rid, label, ours_name, ref_name in FINAL_ROWS:
                 rep.rows.append(TensorDiff(None, rid, label, ours_name, ref_name))
-        head_rows = {f"L{il}.{o}" for il in range(L) for r in LAYER_ROWS if r[2] for o, _ in r[3]}
+        head_rows = {f"blocks.{il}.{o}" for il in range(L) for r in LAYER_ROWS if r[2] for o, _ in r[3]}
         # A quantized V cache: llama.cpp rotates V by a Walsh-Hadamard matrix and names the attention
         # output "kqv_out" BEFORE rotating it back (llama-graph.cpp build_attn); our per-head graph
         # rotates each head back before the concat. Undo the rotation on llama.cpp's side (H is
@@ -385,13 +388,13 @@ def compare(model_path, prompt_or_tokens: str | Sequence[int], *, n_positions: i
         v_rot = None
         if layers and getattr(model.cache, "t_v_hadamard", None) is not None:
             from . import tinynn as tnn  # noqa: PLC0415
-            from .engine.kv_cache import hadamard_matrix  # noqa: PLC0415
+            from .engine.cache import hadamard_matrix  # noqa: PLC0415
 
             v_rot = hadamard_matrix(int(tnn.tnn_tensor_ne(model.cache.t_v_hadamard, 0))).astype(np.float64)
             rep.notes.append(f"kqv_out: llama.cpp's tensor is in the V cache's Hadamard basis; compared after "
                              f"rotating it back in numpy ({v_rot.shape[0]}-blocks, float64), so expect "
                              f"rounding-level |Δ| there")
-        kqv_rows = {f"L{il}.concat" for il in range(L)}
+        kqv_rows = {f"blocks.{il}.attn.hook_z" for il in range(L)}
 
         pos = 0
         while pos < n:
@@ -421,7 +424,7 @@ def compare(model_path, prompt_or_tokens: str | Sequence[int], *, n_positions: i
                                                                     ("no llama.cpp tensor", r is None)) if miss)
                         continue
                     if d.ours in head_rows:
-                        r = _head0(r, o)
+                        o, r = _head0(r, o) or (o, None)
                     elif v_rot is not None and d.ours in kqv_rows and r.size % v_rot.shape[0] == 0:
                         r = (r.reshape(-1, v_rot.shape[0]).astype(np.float64) @ v_rot).astype(np.float32)
                     if r is None or r.size != o.size:
@@ -454,7 +457,7 @@ def format_report(report: ParityReport, layers: bool = True) -> str:
     out: list[str] = []
     rp = report
     out.append(f"parity: {rp.model_path} (arch {rp.arch}), {len(rp.tokens)} positions, kv {rp.kv_type}, "
-               f"flash-attn {'on' if rp.flash_attn else 'off'}; llama.cpp fed one token per decode")
+               f"flash-attn {'on' if rp.flash_attn else 'off'}, our {rp.graph} graph; llama.cpp fed one token per decode")
     out.extend(f"note: {n}" for n in rp.notes)
     out.append("")
     out.append(f"{'pos':>4} {'token':>7} {'max|Δlogit|':>12} {'argmax ours':>12} {'llama.cpp':>10}  ")

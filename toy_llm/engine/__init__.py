@@ -1,5 +1,8 @@
-"""The engine: the seed's SmolLM2KVFFICache (per-head graphs), the fused-heads fast path beside it
-(fused.py), and the weight sources (weights.py)."""
-from . import kv_cache  # noqa: F401
+"""The engine, in small parts with one-way data flow (README, "How it is built"):
+options -> weights + cache -> inputs -> ops -> attn_per_head / attn_fused -> graph -> engine,
+and kv_cache.SmolLM2KVFFICache, the seed's class, as the user's handle over them."""
+from .engine import Engine  # noqa: F401
+from .hook_points import HOOK_POINTS  # noqa: F401
 from .kv_cache import (SmolLM2KVBlockFFI, SmolLM2KVFFICache, SmolLM2KVFFICacheMetal,  # noqa: F401
                        SmolLM2KVStepResult)
+from .options import EngineOptions  # noqa: F401

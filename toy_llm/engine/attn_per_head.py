@@ -1,0 +1,77 @@
+"""The seed's attention block: every query head its own chain (matmul -> norm -> rope -> attend
+against its KV head), one position per graph. The reference the fused block is checked against;
+each head's Q/K/V weight is a view of the layer's whole matrix."""
+from __future__ import annotations
+
+from .. import tinynn as tnn
+from .context import BuildContext
+from .inputs import GraphInputs
+from .ops import attend, finish_q, project, qk_norm, rope
+
+
+def _q_projection(b: BuildContext, blk, hq: int, h):
+    """Query head ``hq`` before norm and rope: W_q[hq] h (+ B A h, LoRA-Q) (+ bias)."""
+    lora = (blk.t_w_lora_a_q[hq], blk.t_w_lora_b_q[hq]) if b.weights.lora_rank else None
+    return project(b.sess, blk.t_w_q[hq], h, blk.t_b_q[hq] if blk.t_b_q else None, lora)
+
+
+def _normed_heads(b: BuildContext, heads: list, gamma) -> list:
+    """QK-norm of per-head vectors [d_head, 1]: each alone (kind 1), or joined, normalised and
+    viewed apart again (kind 2, OLMoE's whole-vector norm)."""
+    sess, cfg = b.sess, b.cfg
+    if cfg.qk_norm_kind != 2:
+        return [qk_norm(sess, t, gamma, cfg) for t in heads]
+    whole = heads[0]
+    for t in heads[1:]:
+        whole = tnn.tnn_concat(sess, whole, t, 0)
+    whole = qk_norm(sess, whole, gamma, cfg)
+    row = cfg.head_dim * 4
+    return [tnn.tnn_view_2d(sess, whole, cfg.head_dim, 1, row, h * row) for h in range(len(heads))]
+
+
+def write_kv_heads(b: BuildContext, inp: GraphInputs, il: int, h) -> None:
+    """Each KV head's K (projected, normed, roped) and V into the cache at the graph's position."""
+    sess, cfg, blk = b.sess, b.cfg, b.weights.layers[il]
+    k_pre = [project(sess, blk.t_w_k[g], h, blk.t_b_k[g] if blk.t_b_k else None) for g in range(cfg.n_kv)]
+    if cfg.qk_norm_kind:
+        k_pre = _normed_heads(b, k_pre, blk.t_k_norm_gamma)
+    for g in range(cfg.n_kv):
+        k = b.tap(rope(sess, k_pre[g], inp.positions, cfg, il, b.weights.rope_freqs), "attn.hook_k", il, g)
+        v = b.tap(project(sess, blk.t_w_v[g], h, blk.t_b_v[g] if blk.t_b_v else None), "attn.hook_v", il, g)
+        b.cache.write_at(il, g, b.cache.rotate_k(k, 1), b.cache.rotate_v(v, 1), inp.last_pos)
+
+
+def query_head(b: BuildContext, inp: GraphInputs, il: int, hq: int, h, q_normed=None):
+    """One query head against the (already written) K/V of its KV head hq // group_size;
+    ``q_normed``: this head's query after a whole-vector QK-norm, when the block computed it.
+    Returns the head's attention output [d_head, 1]."""
+    sess, cfg, blk = b.sess, b.cfg, b.weights.layers[il]
+    q = q_normed
+    if q is None:
+        q = _q_projection(b, blk, hq, h)
+        if cfg.qk_norm_kind:
+            q = qk_norm(sess, q, blk.t_q_norm_gamma, cfg)
+    q = b.tap(rope(sess, q, inp.positions, cfg, il, b.weights.rope_freqs), "attn.hook_q", il, hq)
+    q, scale = finish_q(sess, q, cfg, b.cache, 1)
+    start, count, mask = inp.span(cfg.layer_window[il])
+    k, v = b.cache.history(il, hq // cfg.group_size, start, count)
+    return attend(sess, b.cache, tnn.tnn_reshape_3d(sess, q, cfg.head_dim, 1, 1), k, v, mask, scale,
+                  cfg.attn_softcap)
+
+
+def build(b: BuildContext, inp: GraphInputs, il: int, h):
+    """The block: K/V of every KV head into the cache, then every query head; returns the heads
+    joined [n_heads * d_head, 1]."""
+    if inp.n_tokens != 1:
+        raise ValueError("the per-head graph evaluates one position per graph")
+    cfg = b.cfg
+    write_kv_heads(b, inp, il, h)
+    q_normed = [None] * cfg.n_heads
+    if cfg.qk_norm_kind == 2:   # a whole-vector norm needs every head's query before any head goes on
+        blk = b.weights.layers[il]
+        q_normed = _normed_heads(b, [_q_projection(b, blk, hq, h) for hq in range(cfg.n_heads)], blk.t_q_norm_gamma)
+    heads = [query_head(b, inp, il, hq, h, q_normed[hq]) for hq in range(cfg.n_heads)]
+    joined = heads[0]
+    for t in heads[1:]:
+        joined = tnn.tnn_concat(b.sess, joined, t, 0)
+    return joined

@@ -1,0 +1,171 @@
+"""Engine: one realized model in one libtinynn session, and the graphs run on it.
+
+backend -> session -> persistent buffers (weights, KV cache) -> graph -> compute, as ggml's
+simple-backend example. ``step`` runs one position (the per-head graph rebuilt each time; the
+fused graph built once per padded KV length and replayed with new inputs), ``step_batch`` a
+ubatch of positions in one fused graph; with tracing on, every graph is rebuilt with its taps.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import tinynn as tnn
+from ..gguf_load import ModelConfig
+from .cache import KVCache
+from .context import BuildContext
+from .graph import forward
+from .hook_points import Trace
+from .inputs import GraphInputs
+from .options import BACKENDS, EngineOptions
+from .weights import CopyWeights, MmapWeights, ModelWeights, declare_weights
+
+
+class Engine:
+    """Realize with :meth:`realize_mmap` or :meth:`realize_copy` (+ :meth:`load_weights`), then step."""
+
+    def __init__(self, cfg: ModelConfig, opts: EngineOptions, max_T: int, lora_rank: int = 0,
+                 lora_adamw: bool = False):
+        if cfg.n_heads <= 0 or cfg.n_kv <= 0 or cfg.n_heads % cfg.n_kv:
+            raise ValueError(f"n_heads ({cfg.n_heads}) must be a positive multiple of n_kv ({cfg.n_kv})")
+        if type(max_T) is not int or max_T <= 0:
+            raise ValueError(f"max_T must be a positive int, got {max_T!r}")
+        if opts.fused and cfg.per_head_qkv:
+            raise ValueError(f"{cfg.path}: attn_q/k/v are stored one tensor per head (the seed's toy checkpoint "
+                             f"layout), which only the per-head graph reads: load it with graph='per_head'")
+        self.cfg, self.opts, self.max_T = cfg, opts, max_T
+        self.lora_rank, self.lora_adamw = lora_rank, lora_adamw
+        self.sess = None
+        self.gguf = None                  # the mapping the weights point into (mmap path)
+        self.weights: ModelWeights | None = None
+        self.cache: KVCache | None = None
+        self.source = None
+        self.trace = Trace(cfg)
+        self.windows = frozenset(cfg.layer_window)   # one mask input per distinct layer window
+        self._replay = None               # (padded KV length, inputs, logits) of the graph kept for replay
+
+    # ------------------------------------------------------------------ realize
+
+    def _declare(self, source) -> None:
+        self.source = source
+        self.weights = declare_weights(self.sess, source, self.cfg, self.lora_rank, self.lora_adamw)
+        kv = self.opts.kv_ggml_type
+        self.cache = KVCache(self.sess, self.cfg.n_layers, self.cfg.n_kv, self.cfg.head_dim, self.max_T, kv, kv,
+                             self.opts.flash_attn)
+        for il, blk in enumerate(self.weights.layers):   # the seed keeps the cache's views on the block
+            blk.t_K_layer, blk.t_V_layer = self.cache.k_layers[il], self.cache.v_layers[il]
+            blk.t_K, blk.t_V = self.cache.k_heads[il], self.cache.v_heads[il]
+        tnn.tnn_finalize_weights(self.sess)
+        self.weights.after_finalize(self.sess, self.cfg)
+        self.cache.after_finalize()
+
+    def _new_session(self) -> None:
+        self.sess = tnn.tnn_session_new(BACKENDS[self.opts.backend])
+        if self.opts.n_threads:
+            tnn.tnn_session_set_n_threads(self.sess, self.opts.n_threads)
+        # llama.cpp keeps CPU matmul weights of some types (Q4_0, Q4_K, ... per CPU) in ggml's
+        # interleaved CPU_REPACK layout; using it too runs the same kernels, so the same rounding
+        tnn.tnn_session_set_weight_repack(self.sess, 1 if self.opts.repack_weights else 0)
+
+    def realize_mmap(self, gguf_handle) -> None:
+        """Weights point into ``gguf_handle``'s mapped pages, which the engine then owns (freed by close)."""
+        self.gguf = gguf_handle
+        self._new_session()
+        self._declare(MmapWeights(self.sess, gguf_handle, self.cfg.path))
+
+    def realize_copy(self, weight_type: int, embed_type: int, file_types: dict | None) -> None:
+        """Weights in the session's buffer (filled by :meth:`load_weights`)."""
+        self._new_session()
+        self._declare(CopyWeights(self.sess, weight_type, embed_type, file_types))
+
+    def load_weights(self, path: str, progress: bool = False) -> None:
+        if not isinstance(self.source, CopyWeights):
+            raise RuntimeError("load_weights: only after realize_for (the mmap path needs no load)")
+        self.source.load(path, progress=progress)
+
+    @property
+    def realized(self) -> bool:
+        return self.cache is not None and self.sess is not None
+
+    def context(self) -> BuildContext:
+        if not self.realized:
+            raise RuntimeError("the engine is not realized (or was closed)")
+        return BuildContext(self.sess, self.cfg, self.weights, self.cache, self.trace)
+
+    # ------------------------------------------------------------------ graphs
+
+    def new_graph(self, n_tokens: int, last_pos: int, *, masked: bool, rows_as_inputs: bool,
+                  last_only: bool = False) -> GraphInputs:
+        """Start a graph: drop the previous one, declare the new one's inputs."""
+        ctx = self.context()
+        tnn.tnn_reset_for_rebuild(self.sess)
+        self._replay = None
+        self.trace.clear()
+        return GraphInputs.new(ctx.sess, ctx.cache, self.windows, n_tokens, last_pos, masked=masked,
+                               rows_as_inputs=rows_as_inputs, last_only=last_only)
+
+    def build(self, inp: GraphInputs, graph: str):
+        """The logits tensor of ``graph`` ("fused" | "per_head") over ``inp``, allocated and ready."""
+        logits = forward(self.context(), inp, graph)
+        tnn.tnn_realize(self.sess, logits)
+        return logits
+
+    def run(self, inp: GraphInputs, logits, ids, positions) -> np.ndarray:
+        """Upload ``inp`` for ``ids`` at ``positions``, compute, read the logits [rows, vocab]."""
+        inp.upload(self.sess, self.cache, ids, positions)
+        tnn.tnn_compute(self.sess)
+        if self.trace.enabled:
+            self.trace.collect(self.sess)
+        return tnn.download(self.sess, logits).reshape(-1, self.cfg.vocab)
+
+    def _check_tokens(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab):
+            bad = int(ids[(ids < 0) | (ids >= self.cfg.vocab)][0])
+            raise ValueError(f"token id {bad} outside the vocabulary (size {self.cfg.vocab})")
+
+    def step(self, token_id: int, pos: int, graph: str) -> np.ndarray:
+        """Logits (vocab,) of ``token_id`` at ``pos``; the cache advances."""
+        ids = np.array([token_id], np.int64)
+        self._check_tokens(ids)
+        if not 0 <= pos < self.max_T:
+            raise ValueError(f"position {pos} outside the cache (max_T={self.max_T})")
+        if graph == "per_head":
+            # the seed's graph, rebuilt at each position; without flash attention it reduces over
+            # llama.cpp's padded length behind a mask, so its sums round as llama.cpp's do
+            inp = self.new_graph(1, pos, masked=not self.opts.flash_attn, rows_as_inputs=False)
+            return self.run(inp, self.build(inp, graph), ids, [pos]).reshape(-1)
+        length = self.cache.padded_len(pos)
+        if self.trace.enabled or self._replay is None or self._replay[0] != length:
+            inp = self.new_graph(1, pos, masked=True, rows_as_inputs=True)
+            logits = self.build(inp, graph)
+            if not self.trace.enabled:   # a traced graph keeps its taps as outputs: rebuild it each time
+                self._replay = (length, inp, logits)
+        else:
+            _, inp, logits = self._replay
+        return self.run(inp, logits, ids, [pos]).reshape(-1)
+
+    def step_batch(self, token_ids, pos0: int, all_logits: bool = True) -> np.ndarray:
+        """``token_ids`` at positions pos0, pos0+1, ... in one fused graph, as llama.cpp computes one
+        ubatch: logits [n, vocab], or with ``all_logits=False`` the last position's [1, vocab] (the
+        last layer then runs on that position alone, as llama.cpp's does)."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        n = ids.size
+        if n == 0:
+            return np.zeros((0, self.cfg.vocab), np.float32)
+        self._check_tokens(ids)
+        if pos0 < 0 or pos0 + n > self.max_T:
+            raise ValueError(f"positions {pos0}..{pos0 + n - 1} outside the cache (max_T={self.max_T})")
+        inp = self.new_graph(n, pos0 + n - 1, masked=True, rows_as_inputs=True, last_only=not all_logits and n > 1)
+        return self.run(inp, self.build(inp, "fused"), ids, np.arange(pos0, pos0 + n))
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Free the session, then the mapping it points into."""
+        self._replay = None
+        self.cache = None
+        if self.sess is not None:
+            tnn.tnn_session_free(self.sess)
+            self.sess = None
+        if self.gguf is not None:
+            tnn.tnn_gguf_free(self.gguf)
+            self.gguf = None

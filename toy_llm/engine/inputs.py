@@ -1,0 +1,79 @@
+"""GraphInputs: the inputs of one built graph (llama.cpp's llm_graph_input_*), made with it and
+uploaded before each compute. A graph's builders read these, never attributes of the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import tinynn as tnn
+from .cache import KVCache
+
+
+@dataclass
+class GraphInputs:
+    """``n_tokens`` positions ending at ``last_pos``.
+
+    * ``kv_len``: the padded KV length attended behind ``masks`` (one mask per distinct layer
+      window, [kv_len, n_tokens]); None: attention reads exactly the history positions (the seed's
+      per-head graph under flash attention), with no mask.
+    * ``kv_rows`` (+ ``v_idx`` for a transposed V): the cache rows the graph writes, as inputs
+      (replayable graphs); None: the new K/V are copied into the slot at ``last_pos``.
+    * ``out_rows``: the positions whose logits are wanted (llama.cpp's inp_out_ids); None: all.
+    """
+
+    n_tokens: int
+    last_pos: int
+    tokens: object
+    positions: object
+    kv_len: int | None = None
+    masks: dict = field(default_factory=dict)
+    kv_rows: object = None
+    v_idx: object = None
+    out_rows: object = None
+
+    @classmethod
+    def new(cls, sess, cache: KVCache, windows, n_tokens: int, last_pos: int, *, masked: bool,
+            rows_as_inputs: bool, last_only: bool = False) -> "GraphInputs":
+        """Declare the inputs of a graph (before its builders run)."""
+        if not 0 <= last_pos - n_tokens + 1 <= last_pos < cache.max_T:
+            raise ValueError(f"positions {last_pos - n_tokens + 1}..{last_pos} outside the cache "
+                             f"(max_T={cache.max_T})")
+        inp = cls(n_tokens, last_pos, tnn.tnn_input_1d_i32(sess, n_tokens), tnn.tnn_input_1d_i32_ctx(sess, n_tokens))
+        tnn.tnn_set_name(inp.tokens, "inp_tokens")
+        tnn.tnn_set_name(inp.positions, "inp_pos")
+        if masked:
+            inp.kv_len = cache.padded_len(last_pos)
+            inp.masks = {w: tnn.tnn_input_4d(sess, cache.mask_type, inp.kv_len, n_tokens, 1, 1) for w in sorted(windows)}
+        if rows_as_inputs:
+            inp.kv_rows = tnn.tnn_input_1d_i32(sess, n_tokens)
+            if cache.v_trans:
+                inp.v_idx = tnn.tnn_input_1d_i32(sess, cache.n_kv * cache.d_head * n_tokens)
+        if last_only:
+            inp.out_rows = tnn.tnn_input_1d_i32(sess, 1)
+        return inp
+
+    def upload(self, sess, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> None:
+        """Set every input for ``ids`` at ``positions`` (after the graph is allocated)."""
+        positions = np.asarray(positions, np.int32)
+        for window, t_mask in self.masks.items():
+            tnn.upload(sess, t_mask, cache.mask(positions, window, self.kv_len))
+        tnn.upload(sess, self.tokens, np.asarray(ids, np.int32))
+        tnn.upload(sess, self.positions, positions)
+        if self.kv_rows is not None:
+            tnn.upload(sess, self.kv_rows, positions)
+        if self.v_idx is not None:
+            tnn.upload(sess, self.v_idx, cache.v_write_index(positions))
+        if self.out_rows is not None:
+            tnn.upload(sess, self.out_rows, np.array([self.n_tokens - 1], np.int32))
+
+    def span(self, window: int):
+        """(start, count, mask) of the cached positions this graph's attention reads in a layer with
+        ``window`` (0: the whole context): the padded length behind the window's mask, or without
+        masks exactly the positions the last position may see."""
+        if self.kv_len is not None:
+            return 0, self.kv_len, self.masks[window]
+        pos = self.last_pos
+        if window > 0 and pos + 1 > window:
+            return pos + 1 - window, window, None
+        return 0, pos + 1, None
