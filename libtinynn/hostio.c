@@ -90,6 +90,11 @@ int tnn_dequantize(int type, const void * src, float * dst, int64_t n, int64_t s
 
 /* ------------------------------------------------------------------ tensor info */
 
+int tnn_tensor_is_contiguous(tnn_tensor * t) {
+    if (!tnn_check_tensor(NULL, t, "tnn_tensor_is_contiguous", "t")) return -1;
+    return ggml_is_contiguous(t) ? 1 : 0;
+}
+
 int tnn_tensor_ndim(tnn_tensor * t) {
     if (!tnn_check_tensor(NULL, t, "tnn_tensor_ndim", "t")) return -1;
     return ggml_n_dims(t);

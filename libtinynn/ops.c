@@ -5,6 +5,7 @@
 
 #include <inttypes.h>
 #include <math.h>
+#include <string.h>
 
 #define PROLOGUE(fn)                                                     \
     if (!tnn_check_session(sess, fn) || !tnn_check_graph_ready(sess, fn)) \
@@ -415,6 +416,43 @@ tnn_tensor * tnn_cont(tnn_session * sess, tnn_tensor * a) {
     CHECK_T(a, "a");
     if (!ggml_is_contiguous(a) && !want_float_layout(fn, a)) return NULL;
     return ggml_cont(sess->ctx_c, a);
+}
+
+/* ------------------------------------------------------------------ activation hooks */
+
+static tnn_hook_fn g_hook_dispatcher = NULL;
+
+int tnn_set_hook_dispatcher(tnn_hook_fn fn) {
+    g_hook_dispatcher = fn;
+    return 0;
+}
+
+/* ggml custom op of one task: the dispatcher writes dst from src (a copy when there is none) */
+static void hook_trampoline(struct ggml_tensor * dst, const struct ggml_tensor * a, int ith, int nth, void * user) {
+    (void) nth;
+    if (ith != 0) return;
+    if (g_hook_dispatcher != NULL) {
+        g_hook_dispatcher(user, (float *) dst->data, (const float *) a->data, ggml_nelements(a));
+    } else {
+        memcpy(dst->data, a->data, ggml_nbytes(a));
+    }
+}
+
+tnn_tensor * tnn_map_hook(tnn_session * sess, tnn_tensor * a, void * user) {
+    const char * fn = "tnn_map_hook";
+    PROLOGUE(fn);
+    CHECK_T(a, "a");
+    if (a->type != GGML_TYPE_F32 || !ggml_is_contiguous(a)) {
+        tnn_set_error("%s: the hooked tensor must be contiguous F32 (tnn_cont it first), got %s", fn,
+                      ggml_type_name(a->type));
+        return NULL;
+    }
+    if (sess->kind != 0) {
+        tnn_set_error("%s: Python hooks run on the CPU backend only (this session runs on %s)", fn,
+                      ggml_backend_name(sess->backend));
+        return NULL;
+    }
+    return ggml_map_custom1(sess->ctx_c, a, hook_trampoline, 1, user);
 }
 
 tnn_tensor * tnn_cast(tnn_session * sess, tnn_tensor * a, int type) {

@@ -729,6 +729,19 @@ int tnn_realize(tnn_session * sess, tnn_tensor * root) {
             return -1;
         }
     }
+    uint64_t sig = 1469598103934665603ULL;   /* FNV-1a over the indices of the output nodes */
+    for (int i = 0; i < n; i++) {
+        if (ggml_graph_node(sess->gf, i)->flags & GGML_TENSOR_FLAG_OUTPUT) {
+            sig = (sig ^ (uint64_t) i) * 1099511628211ULL;
+        }
+    }
+    if (sig != sess->outputs_signature) {
+        if (!ggml_gallocr_reserve(sess->galloc, sess->gf)) {
+            tnn_set_error("%s: could not plan the compute graph (%d nodes)", fn, n);
+            return -1;
+        }
+        sess->outputs_signature = sig;
+    }
     if (!ggml_gallocr_alloc_graph(sess->galloc, sess->gf)) {
         tnn_set_error("%s: could not allocate the compute graph (%d nodes)", fn, n);
         return -1;

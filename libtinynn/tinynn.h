@@ -112,6 +112,7 @@ int          tnn_graph_n_nodes(tnn_session * sess);
 
 /* ---- tensor info & host I/O (whole tensors, one call) ---- */
 int          tnn_tensor_ndim(tnn_tensor * t);
+int          tnn_tensor_is_contiguous(tnn_tensor * t);            /* 1 / 0 */
 int64_t      tnn_tensor_ne(tnn_tensor * t, int dim);
 int64_t      tnn_tensor_nb(tnn_tensor * t, int dim);
 int          tnn_tensor_type(tnn_tensor * t);
@@ -151,6 +152,12 @@ tnn_tensor * tnn_reshape_3d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int
 tnn_tensor * tnn_transpose(tnn_session * sess, tnn_tensor * a);                 /* swaps ne0/ne1, materialized */
 tnn_tensor * tnn_permute(tnn_session * sess, tnn_tensor * a, int ax0, int ax1, int ax2, int ax3);
 tnn_tensor * tnn_cont(tnn_session * sess, tnn_tensor * a);
+/* Activation hooks (CPU backend): tnn_map_hook(sess, a, user) is a new tensor shaped like ``a``
+ * (F32, contiguous) that the dispatcher fills at compute time: dispatcher(user, dst, src, n) with
+ * src = a's n floats. One dispatcher per process, set once; without one, dst is a copy of src. */
+typedef void (*tnn_hook_fn)(void * user, float * dst, const float * src, int64_t n);
+int          tnn_set_hook_dispatcher(tnn_hook_fn fn);
+tnn_tensor * tnn_map_hook(tnn_session * sess, tnn_tensor * a, void * user);
 tnn_tensor * tnn_cast(tnn_session * sess, tnn_tensor * a, int type);         /* F32 <-> F16/BF16 */
 tnn_tensor * tnn_concat(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, int dim);
 tnn_tensor * tnn_cpy(tnn_session * sess, tnn_tensor * src, tnn_tensor * dst);  /* converts type (quantizes) */

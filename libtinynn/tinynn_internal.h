@@ -52,6 +52,9 @@ struct tnn_session {
     struct ggml_cgraph * gf;
     ggml_gallocr_t galloc;
     bool graph_allocated;
+    /* which nodes the last realized graph kept as outputs: ggml_gallocr reuses its previous plan for a
+     * graph of the same nodes and sizes without looking at output flags, so a change re-plans */
+    uint64_t outputs_signature;
 
     struct tnn_session * next_live; /* registry of live sessions, to reject stale handles */
 };
