@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +32,8 @@ class Model:
         self.tokenizer = tokenizer
         self.n_past = 0
         self.last_stats: dict[str, float] = {}
+        self._user_hooks: tuple = ()      # (matcher, Intervention) pairs of the open hooks() blocks
+        self._control_hooks: tuple = ()   # the control vector's, as AddVector per layer
 
     @property
     def options(self) -> EngineOptions:
@@ -158,6 +161,90 @@ class Model:
         self.last_stats = {"prompt_tokens": len(ids), "prompt_s": t_prompt, "gen_tokens": len(out_ids),
                            "gen_s": dt, "tok_per_s": (len(out_ids) / dt) if dt > 0 else 0.0}
 
+    # ---------------------------------------------------------------- experiments
+
+    def _engine(self):
+        return self.cache._engine("hooks")
+
+    def _set_hooks(self) -> None:
+        self._engine().set_hooks(self._control_hooks + self._user_hooks)
+
+    def run_with_cache(self, tokens, names=None, all_logits: bool = True):
+        """Evaluate ``tokens`` (ids or text) from an empty context; returns ``(logits, cache)``: the
+        logits as :meth:`eval` returns them, and ``cache`` {hook point: float32 array [tokens, ...]}
+        for the names asked for (None: every hook point; a list of names; or a callable name -> bool).
+        Hook point names: README, "Looking inside". Hooks in force (:meth:`hooks`) apply."""
+        tokens = self.tokenize(tokens) if isinstance(tokens, str) else [int(t) for t in tokens]
+        trace = self._engine().trace
+        wanted = names if names is None or callable(names) else set(names).__contains__
+        if names is not None and not callable(names):
+            from .engine.hook_points import hook_point
+
+            for n in names:
+                hook_point(n)   # KeyError naming an unknown hook point
+                if n.endswith("attn.hook_pattern") and self.options.flash_attn:
+                    raise ValueError(f"{n}: flash attention computes the attention pattern inside one op and "
+                                     f"never stores it; load with flash_attn=False (and kv_type='f32') to read it")
+        saved = trace.enabled, trace.wanted, trace.history
+        trace.enabled, trace.wanted, trace.history = True, wanted, []
+        try:
+            self.reset()
+            logits = self.eval(tokens, all_logits=all_logits)
+            graphs = trace.history
+        finally:
+            trace.enabled, trace.wanted, trace.history = saved
+        return logits, _join_traces(graphs)
+
+    def run_with_hooks(self, tokens, hooks, all_logits: bool = True) -> np.ndarray:
+        """Evaluate ``tokens`` from an empty context with ``hooks`` in force (as :meth:`hooks`);
+        returns the logits as :meth:`eval` does."""
+        tokens = self.tokenize(tokens) if isinstance(tokens, str) else [int(t) for t in tokens]
+        with self.hooks(*hooks):
+            self.reset()
+            return self.eval(tokens, all_logits=all_logits)
+
+    @contextmanager
+    def hooks(self, *hooks):
+        """``with m.hooks((name_or_filter, fn_or_intervention), ...):`` eval, generate and
+        run_with_cache inside see the hooks. ``name_or_filter``: a hook point name or a callable
+        name -> bool. ``fn(activation [tokens, ...], name) -> array | None`` (None: unchanged) runs
+        inside the graph; built-in interventions (toy_llm.engine.interventions: AddVector, Scale,
+        ZeroHeads, Patch) run as ggml ops at full speed."""
+        from .engine.interventions import Intervention, PythonHook
+
+        pairs = []
+        for h in hooks:
+            match, what = h
+            pairs.append((match, what if isinstance(what, Intervention) else PythonHook(what)))
+        saved = self._user_hooks
+        self._user_hooks = saved + tuple(pairs)
+        self._set_hooks()
+        try:
+            yield self
+        finally:
+            self._user_hooks = saved
+            if self.cache.engine is not None:
+                self._set_hooks()
+
+    def set_control_vector(self, path_or_array=None, strength: float = 1.0, layers: tuple[int, int] | None = None):
+        """Add a control vector to each layer's output (llama.cpp's build_cvec, at l_out =
+        ``blocks.{L}.hook_resid_post``) in every later eval/generate. ``path_or_array``: llama.cpp's
+        control-vector GGUF (1-D F32 tensors ``direction.{L}``, L >= 1; a list of paths is summed), or
+        an array [n_layers, d_model] indexed by layer; times ``strength``. ``layers=(start, end)``,
+        both inclusive, as llama.cpp's il_start / il_end (default: every layer from 1). None clears."""
+        from .engine.interventions import AddVector
+
+        if path_or_array is None:
+            self._control_hooks = ()
+            self._set_hooks()
+            return
+        L, D = self.config.n_layers, self.config.d_model
+        vec = load_control_vector(path_or_array, L, D) * np.float32(strength)
+        start, end = layers if layers is not None else (1, L - 1)
+        self._control_hooks = tuple((f"blocks.{il}.hook_resid_post", AddVector(vec[il]))
+                                    for il in range(max(1, start), min(end, L - 1) + 1) if np.any(vec[il]))
+        self._set_hooks()
+
     # ---------------------------------------------------------------- lifetime
 
     def close(self) -> None:
@@ -168,6 +255,56 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _join_traces(graphs: list[dict]) -> dict:
+    """One trace per graph ([its tokens, ...]) joined along tokens; attention patterns of graphs
+    over different KV lengths are padded with zeros to the longest."""
+    if len(graphs) == 1:
+        return graphs[0]
+    out = {}
+    for name in graphs[0]:
+        parts = [g[name] for g in graphs]
+        width = max(p.shape[-1] for p in parts)
+        if name.endswith("attn.hook_pattern"):
+            parts = [np.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, width - p.shape[-1])]) for p in parts]
+        out[name] = np.concatenate(parts, axis=0)
+    return out
+
+
+def load_control_vector(path_or_array, n_layers: int, d_model: int) -> np.ndarray:
+    """[n_layers, d_model] float32 from llama.cpp's control-vector GGUF(s) (``direction.{L}``
+    tensors, summed over files as llama.cpp's loader does) or from an array of that shape."""
+    if isinstance(path_or_array, (str, os.PathLike)) or (isinstance(path_or_array, (list, tuple)) and
+                                                          path_or_array and isinstance(path_or_array[0], (str, os.PathLike))):
+        paths = [path_or_array] if isinstance(path_or_array, (str, os.PathLike)) else list(path_or_array)
+        out = np.zeros((n_layers, d_model), np.float32)
+        for path in paths:
+            g = tnn.tnn_gguf_load(str(path))
+            try:
+                data = np.memmap(path, dtype=np.uint8, mode="r")
+                found = 0
+                for il in range(1, n_layers):
+                    idx = tnn.tnn_gguf_find_index(g, f"direction.{il}")
+                    if idx < 0:
+                        continue
+                    typ, nbytes = tnn.tnn_gguf_tensor_type(g, idx), tnn.tnn_gguf_tensor_nbytes(g, idx)
+                    if typ != tnn.GGML_TYPE_F32 or nbytes != 4 * d_model:
+                        raise ValueError(f"{path}: tensor 'direction.{il}' must be F32 [{d_model}] (d_model), "
+                                         f"got type {typ} with {nbytes} bytes")
+                    off = tnn.tnn_gguf_tensor_file_offset(g, idx)
+                    out[il] += np.frombuffer(data[off:off + nbytes], np.float32)
+                    found += 1
+                if not found:
+                    raise ValueError(f"{path}: no 'direction.L' tensors (L = 1..{n_layers - 1}): not a control vector")
+            finally:
+                tnn.tnn_gguf_free(g)
+        return out
+    vec = np.asarray(path_or_array, np.float32)
+    if vec.shape != (n_layers, d_model):
+        raise ValueError(f"a control vector array must be [n_layers, d_model] = [{n_layers}, {d_model}], "
+                         f"got {list(vec.shape)}")
+    return vec
 
 
 def _first_stop(text: str, stop: list[str]) -> int | None:

@@ -37,4 +37,9 @@ def build(b: BuildContext, inp: GraphInputs, il: int, h):
         tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, q, Dh, H, n), 0, 2, 1, 3)
     start, count, mask = inp.span(cfg.layer_window[il])
     kh, vh = cache.history(il, None, start, count)
-    return attend(sess, cache, q, kh, vh, mask, scale, cfg.attn_softcap)
+    def read_probs(p):   # [length, tokens, heads], kept as [tokens, heads, length] (a copy, read only)
+        copy = b.tap(tnn.tnn_cont(sess, tnn.tnn_permute(sess, p, 0, 2, 1, 3)), "attn.hook_pattern", il)
+        tnn.tnn_add_to_graph(sess, copy)    # a side branch: nothing downstream reads it
+        return p
+    return attend(sess, cache, q, kh, vh, mask, scale, cfg.attn_softcap,
+                  read_probs if b.tap.reads("attn.hook_pattern", il) else None)

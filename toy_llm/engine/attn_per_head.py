@@ -35,28 +35,38 @@ def write_kv_heads(b: BuildContext, inp: GraphInputs, il: int, h) -> None:
     k_pre = [project(sess, blk.t_w_k[g], h, blk.t_b_k[g] if blk.t_b_k else None) for g in range(cfg.n_kv)]
     if cfg.qk_norm_kind:
         k_pre = _normed_heads(b, k_pre, blk.t_k_norm_gamma)
+    k = b.tap.heads([rope(sess, k_pre[g], inp.positions, cfg, il, b.weights.rope_freqs) for g in range(cfg.n_kv)],
+                    "attn.hook_k", il)
+    v = b.tap.heads([project(sess, blk.t_w_v[g], h, blk.t_b_v[g] if blk.t_b_v else None) for g in range(cfg.n_kv)],
+                    "attn.hook_v", il)
     for g in range(cfg.n_kv):
-        k = b.tap(rope(sess, k_pre[g], inp.positions, cfg, il, b.weights.rope_freqs), "attn.hook_k", il, g)
-        v = b.tap(project(sess, blk.t_w_v[g], h, blk.t_b_v[g] if blk.t_b_v else None), "attn.hook_v", il, g)
-        b.cache.write_at(il, g, b.cache.rotate_k(k, 1), b.cache.rotate_v(v, 1), inp.last_pos)
+        b.cache.write_at(il, g, b.cache.rotate_k(k[g], 1), b.cache.rotate_v(v[g], 1), inp.last_pos)
 
 
-def query_head(b: BuildContext, inp: GraphInputs, il: int, hq: int, h, q_normed=None):
-    """One query head against the (already written) K/V of its KV head hq // group_size;
-    ``q_normed``: this head's query after a whole-vector QK-norm, when the block computed it.
-    Returns the head's attention output [d_head, 1]."""
+def roped_query(b: BuildContext, inp: GraphInputs, il: int, hq: int, h, q_normed=None):
+    """Query head ``hq`` projected, normed and roped; ``q_normed``: after a whole-vector QK-norm,
+    when the block computed it."""
     sess, cfg, blk = b.sess, b.cfg, b.weights.layers[il]
     q = q_normed
     if q is None:
         q = _q_projection(b, blk, hq, h)
         if cfg.qk_norm_kind:
             q = qk_norm(sess, q, blk.t_q_norm_gamma, cfg)
-    q = b.tap(rope(sess, q, inp.positions, cfg, il, b.weights.rope_freqs), "attn.hook_q", il, hq)
+    return rope(sess, q, inp.positions, cfg, il, b.weights.rope_freqs)
+
+
+def query_head(b: BuildContext, inp: GraphInputs, il: int, hq: int, h, q_normed=None, q_roped=None):
+    """One query head against the (already written) K/V of its KV head hq // group_size
+    (``q_roped``: its query, when the block computed it). Returns the head's attention output
+    [d_head, 1]."""
+    sess, cfg = b.sess, b.cfg
+    q = q_roped if q_roped is not None else roped_query(b, inp, il, hq, h, q_normed)
     q, scale = finish_q(sess, q, cfg, b.cache, 1)
     start, count, mask = inp.span(cfg.layer_window[il])
     k, v = b.cache.history(il, hq // cfg.group_size, start, count)
+    probs_tap = lambda p: b.tap(p, "attn.hook_pattern", il, hq)  # noqa: E731   [length, 1, 1] per head
     return attend(sess, b.cache, tnn.tnn_reshape_3d(sess, q, cfg.head_dim, 1, 1), k, v, mask, scale,
-                  cfg.attn_softcap)
+                  cfg.attn_softcap, probs_tap)
 
 
 def build(b: BuildContext, inp: GraphInputs, il: int, h):
@@ -70,7 +80,8 @@ def build(b: BuildContext, inp: GraphInputs, il: int, h):
     if cfg.qk_norm_kind == 2:   # a whole-vector norm needs every head's query before any head goes on
         blk = b.weights.layers[il]
         q_normed = _normed_heads(b, [_q_projection(b, blk, hq, h) for hq in range(cfg.n_heads)], blk.t_q_norm_gamma)
-    heads = [query_head(b, inp, il, hq, h, q_normed[hq]) for hq in range(cfg.n_heads)]
+    q = b.tap.heads([roped_query(b, inp, il, hq, h, q_normed[hq]) for hq in range(cfg.n_heads)], "attn.hook_q", il)
+    heads = [query_head(b, inp, il, hq, h, q_roped=q[hq]) for hq in range(cfg.n_heads)]
     joined = heads[0]
     for t in heads[1:]:
         joined = tnn.tnn_concat(b.sess, joined, t, 0)

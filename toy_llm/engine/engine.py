@@ -16,6 +16,7 @@ from .context import BuildContext
 from .graph import forward
 from .hook_points import Trace
 from .inputs import GraphInputs
+from .interventions import dispatcher
 from .options import BACKENDS, EngineOptions
 from .weights import CopyWeights, MmapWeights, ModelWeights, declare_weights
 
@@ -42,6 +43,7 @@ class Engine:
         self.trace = Trace(cfg)
         self.windows = frozenset(cfg.layer_window)   # one mask input per distinct layer window
         self._replay = None               # (padded KV length, inputs, logits) of the graph kept for replay
+        self._inputs: GraphInputs | None = None   # those of the graph built last
 
     # ------------------------------------------------------------------ realize
 
@@ -99,9 +101,17 @@ class Engine:
         ctx = self.context()
         tnn.tnn_reset_for_rebuild(self.sess)
         self._replay = None
-        self.trace.clear()
-        return GraphInputs.new(ctx.sess, ctx.cache, self.windows, n_tokens, last_pos, masked=masked,
-                               rows_as_inputs=rows_as_inputs, last_only=last_only)
+        if self._inputs is not None:     # the Python hooks of the dropped graph
+            dispatcher().release(self._inputs.hook_keys)
+        self._inputs = GraphInputs.new(ctx.sess, ctx.cache, self.windows, n_tokens, last_pos, masked=masked,
+                                       rows_as_inputs=rows_as_inputs, last_only=last_only)
+        self.trace.begin(self.sess, self._inputs)
+        return self._inputs
+
+    def set_hooks(self, hooks) -> None:
+        """(matcher, Intervention) pairs every graph from now on applies (the replayed graph is rebuilt)."""
+        self.trace.hooks = tuple(hooks)
+        self._replay = None
 
     def build(self, inp: GraphInputs, graph: str):
         """The logits tensor of ``graph`` ("fused" | "per_head") over ``inp``, allocated and ready."""
@@ -113,6 +123,8 @@ class Engine:
         """Upload ``inp`` for ``ids`` at ``positions``, compute, read the logits [rows, vocab]."""
         inp.upload(self.sess, self.cache, ids, positions)
         tnn.tnn_compute(self.sess)
+        if inp.hook_keys:
+            dispatcher().raise_pending()
         if self.trace.enabled:
             self.trace.collect(self.sess)
         return tnn.download(self.sess, logits).reshape(-1, self.cfg.vocab)

@@ -38,6 +38,9 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("attn.hook_k", "[tokens, n_kv_heads, d_head]", "keys after QK-norm and rope (as cached)",
               lambda c: (c.n_kv, c.head_dim)),
     HookPoint("attn.hook_v", "[tokens, n_kv_heads, d_head]", "values (as cached)", lambda c: (c.n_kv, c.head_dim)),
+    HookPoint("attn.hook_pattern", "[tokens, n_heads, kv_len]", "attention probabilities over the attended "
+              "cache positions (plain attention only; kv_len is padded to 256 behind the mask, masked "
+              "positions are 0); read-only", lambda c: (c.n_heads, -1)),
     HookPoint("attn.hook_z", "[tokens, n_heads, d_head]", "each head's attention output, before the output "
               "projection (llama.cpp's kqv_out)", lambda c: (c.n_heads, c.head_dim)),
     HookPoint("hook_attn_out", "[tokens, d_model]", "attention output projection (before Gemma's post-norm)", _d),
@@ -76,25 +79,85 @@ def hook_point(full_name: str) -> HookPoint:
 
 
 class Trace:
-    """The tap every builder names its tensors through. Off: returns the tensor untouched (no cost).
-    On: keeps each tapped tensor alive (set_output) so :meth:`collect` can read it after compute."""
+    """The tap every builder names its tensors through: ``tap(t, name, layer=None, head=None)`` and,
+    for the per-head graph's pieces, ``tap.heads(pieces, name, layer)``.
+
+    * Hooks (``hooks``: (matcher, Intervention) pairs, a matcher being a full name or a callable
+      name -> bool) are applied as the graph is built; the tap returns the replacement.
+    * Tracing (``enabled``, names chosen by ``wanted``) keeps each tapped tensor alive (set_output)
+      so :meth:`collect` can read it after compute, after the hooks.
+    With neither, the tap returns the tensor untouched: no node, no cost."""
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.enabled = False
+        self.wanted: Callable[[str], bool] | None = None     # None: every name
+        self.hooks: tuple = ()
         self.taps: list[tuple[str, int | None, object]] = []
         self.last: dict[str, np.ndarray] = {}
+        self.history: list[dict[str, np.ndarray]] | None = None   # run_with_cache: every graph's trace
+        self.sess = None
+        self.inputs = None
 
-    def __call__(self, t, name: str, layer: int | None = None, head: int | None = None):
-        if self.enabled:
-            full = hook_name(name, layer)
-            tnn.tnn_set_name(t, full if head is None else f"{full}.{head}")
-            tnn.tnn_set_output(t)
-            self.taps.append((full, head, t))
-        return t
+    def begin(self, sess, inputs) -> None:
+        """A new graph is being built over ``inputs`` (interventions declare their inputs there)."""
+        self.sess, self.inputs, self.taps = sess, inputs, []
 
     def clear(self) -> None:
         self.taps = []
+
+    def reads(self, name: str, layer: int | None = None) -> bool:
+        """Will this graph keep ``name`` (tracing, and wanted)? For taps that cost a node to read."""
+        full = hook_name(name, layer)
+        return self.enabled and (self.wanted is None or self.wanted(full))
+
+    def _matching(self, full: str) -> list:
+        """The interventions for ``full``; a filter (callable) skips read-only hook points, a name
+        that names one is refused in _apply."""
+        read_only = full.endswith("attn.hook_pattern")
+        return [iv for match, iv in self.hooks
+                if (not read_only and match(full) if callable(match) else match == full)]
+
+    def _apply(self, t, full: str, ivs: list):
+        if full.endswith("attn.hook_pattern"):
+            raise ValueError(f"{full} is read-only (hook the scores' inputs, attn.hook_q / attn.hook_k, instead)")
+        per_token = hook_point(full).per_token(self.cfg)
+        for iv in ivs:
+            t = iv.build(self, self.inputs, t, full, per_token)
+        return t
+
+    def _keep(self, t, full: str, head: int | None) -> None:
+        if self.enabled and (self.wanted is None or self.wanted(full)):
+            tnn.tnn_set_name(t, full if head is None else f"{full}.{head}")
+            tnn.tnn_set_output(t)
+            self.taps.append((full, head, t))
+
+    def __call__(self, t, name: str, layer: int | None = None, head: int | None = None):
+        full = hook_name(name, layer)
+        ivs = self._matching(full) if self.hooks else []
+        if ivs:
+            t = self._apply(t, full, ivs)
+        self._keep(t, full, head)
+        return t
+
+    def heads(self, pieces: list, name: str, layer: int):
+        """The per-head graph's pieces of one hook point ([d_head, 1] per head): traced piece by
+        piece; hooked as one [heads * d_head, 1] tensor (joined, changed, viewed apart again), so a
+        hook sees the same [tokens, heads, d_head] activation in both graphs."""
+        full = hook_name(name, layer)
+        ivs = self._matching(full) if self.hooks else []
+        if not ivs:
+            for h, p in enumerate(pieces):
+                self._keep(p, full, h)
+            return pieces
+        sess, d_head = self.sess, self.cfg.head_dim
+        joined = pieces[0]
+        for p in pieces[1:]:
+            joined = tnn.tnn_concat(sess, joined, p, 0)
+        joined = self._apply(joined, full, ivs)
+        self._keep(joined, full, None)
+        row = d_head * 4
+        return [tnn.tnn_view_2d(sess, joined, d_head, 1, row, h * row) for h in range(len(pieces))]
 
     def collect(self, sess) -> None:
         """After a compute: every tapped name as float32 [tokens, ...] (per-head pieces joined)."""
@@ -107,7 +170,9 @@ class Trace:
             if ps[0][0] is None:
                 arr = ps[-1][1]
             else:   # one piece per head, in head order: [tokens, heads, ...]
-                arr = np.stack([a.reshape(-1, int(np.prod(per_token[1:]))) for _, a in sorted(ps, key=lambda p: p[0])],
-                               axis=1)
-            out[full] = arr.reshape((-1,) + tuple(per_token))
+                arr = np.stack([a.reshape(-1, int(np.prod(per_token[1:]) if per_token[1:] != (-1,) else a.size))
+                                for _, a in sorted(ps, key=lambda p: p[0])], axis=1)
+            out[full] = arr.reshape((-1,) + tuple(arr.shape[-1] if d == -1 else d for d in per_token))
         self.last = out
+        if self.history is not None:
+            self.history.append(out)

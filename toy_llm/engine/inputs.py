@@ -31,6 +31,8 @@ class GraphInputs:
     kv_rows: object = None
     v_idx: object = None
     out_rows: object = None
+    constants: list = field(default_factory=list)   # (tensor, array | positions -> array): interventions' values
+    hook_keys: list = field(default_factory=list)   # the Python hooks this graph calls (interventions.py)
 
     @classmethod
     def new(cls, sess, cache: KVCache, windows, n_tokens: int, last_pos: int, *, masked: bool,
@@ -66,6 +68,22 @@ class GraphInputs:
             tnn.upload(sess, self.v_idx, cache.v_write_index(positions))
         if self.out_rows is not None:
             tnn.upload(sess, self.out_rows, np.array([self.n_tokens - 1], np.int32))
+        for t, value in self.constants:
+            tnn.upload(sess, t, value(positions) if callable(value) else value)
+
+    def constant(self, sess, value):
+        """An F32 input holding ``value`` (an array, or a function of the graph's positions giving
+        one, e.g. a patch's rows), uploaded with the other inputs: 1-D [n], or [k, rows] for 2-D."""
+        first = np.arange(self.last_pos - self.n_tokens + 1, self.last_pos + 1, dtype=np.int32)
+        arr = np.asarray(value(first) if callable(value) else value, np.float32)
+        if arr.ndim == 1:
+            t = tnn.tnn_input_1d_f32(sess, arr.shape[0])
+        elif arr.ndim == 2:
+            t = tnn.tnn_input_2d_f32(sess, arr.shape[0], arr.shape[1])
+        else:
+            raise ValueError(f"a graph constant has 1 or 2 dimensions, got shape {arr.shape}")
+        self.constants.append((t, value if callable(value) else arr))
+        return t
 
     def span(self, window: int):
         """(start, count, mask) of the cached positions this graph's attention reads in a layer with

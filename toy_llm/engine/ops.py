@@ -65,13 +65,14 @@ def finish_q(sess, q, cfg: ModelConfig, cache: KVCache, n_vecs: int):
     return cache.rotate_k(q, n_vecs), scale
 
 
-def attend(sess, cache: KVCache, q, k, v, mask, scale: float, cap: float):
+def attend(sess, cache: KVCache, q, k, v, mask, scale: float, cap: float, probs_tap=None):
     """softmax(K q * scale + mask) V, as llama.cpp's build_attn_mha.
 
     q: [d_head, tokens, query heads]; k, v: cache views [d_head, length, KV heads] (v transposed
     [length, d_head, KV heads] for a v_trans cache; ggml gives query head h the KV head
     h // (query heads / KV heads), llama.cpp's GQA); mask: [length, tokens] or None. Returns the
-    heads of each token joined: [d_head * query heads, tokens]."""
+    heads of each token joined: [d_head * query heads, tokens]. ``probs_tap(probs)`` sees the
+    attention probabilities [length, tokens, heads] (plain attention only) and returns them."""
     Dh = cache.d_head
     n_tok, n_q = tnn.tnn_tensor_ne(q, 1), tnn.tnn_tensor_ne(q, 2)
     if cache.flash_attn:
@@ -89,6 +90,8 @@ def attend(sess, cache: KVCache, q, k, v, mask, scale: float, cap: float):
         probs = tnn.tnn_softmax_ext(sess, softcap(sess, scores, cap), mask, scale, 0.0)
     else:
         probs = tnn.tnn_softmax(sess, softcap(sess, tnn.tnn_scale(sess, scores, scale), cap))
+    if probs_tap is not None:
+        probs = probs_tap(probs)
     v_t = v if cache.v_trans else tnn.tnn_transpose(sess, v)                  # [length, d_head, heads]
     heads = tnn.tnn_matmul(sess, v_t, probs)                                  # [d_head, tokens, heads]
     if n_tok > 1:
