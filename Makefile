@@ -143,7 +143,7 @@ models: $(SMOLLM2) $(GEMMA3)
 
 # ---- tests, demo, bench -----------------------------------------------------
 $(VENV)/.oracle: $(VENV)/.base tests/requirements-oracle.txt
-	$(PIP) install -q "pytest>=7" "hypothesis>=6" diskcache typing-extensions
+	$(PIP) install -q "pytest>=7" "hypothesis>=6" "matplotlib>=3.7" diskcache typing-extensions
 	$(PIP) install --no-deps --require-hashes -r tests/requirements-oracle.txt
 	touch $@
 

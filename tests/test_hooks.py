@@ -86,6 +86,9 @@ def test_every_table_row_is_traced_somewhere(models):
     for family in ("llama", "mixtral", "gemma2"):
         with toy_llm.load(models[family], max_T=64) as m:
             names |= {n.split(".", 2)[2] if n.startswith("blocks.") else n for n in m.run_with_cache(TOKENS)[1]}
+            lens = m.run_with_cache(TOKENS, names=lambda n: n.endswith("hook_lens_logits"))[1]
+            assert len(lens) == m.config.n_layers
+            names |= {"hook_lens_logits"}
     assert names == {h.name for h in HOOK_POINTS}
 
 

@@ -245,6 +245,18 @@ class Model:
                                     for il in range(max(1, start), min(end, L - 1) + 1) if np.any(vec[il]))
         self._set_hooks()
 
+    def score(self, texts, add_bos: bool | None = None) -> list[np.ndarray]:
+        """Per-token log-probabilities log p(token_i | tokens_<i), i >= 1, of each text (toy_llm.scoring)."""
+        from .scoring import score
+
+        return score(self, texts, add_bos=add_bos)
+
+    def perplexity(self, text_or_file, n_ctx: int = 512, progress: bool = False):
+        """llama.cpp's ``llama-perplexity`` method: chunks of n_ctx, each chunk's second half scored."""
+        from .scoring import perplexity
+
+        return perplexity(self, text_or_file, n_ctx=n_ctx, progress=progress)
+
     # ---------------------------------------------------------------- lifetime
 
     def close(self) -> None:

@@ -45,17 +45,26 @@ def layer(b: BuildContext, inp: GraphInputs, il: int, x, attention: Callable):
         out = tap(norm(sess, out, blk.t_post_ffn_norm_gamma, cfg), "ln2_post.hook_normalized", il)
     if cfg.residual_scale != 1.0:
         out = tnn.tnn_scale(sess, out, cfg.residual_scale)
-    return tap(tnn.tnn_add(sess, x, out), "hook_resid_post", il)
+    x = tap(tnn.tnn_add(sess, x, out), "hook_resid_post", il)
+    if tap.reads("hook_lens_logits", il):   # the logit lens, beside the graph: nothing downstream reads it
+        tnn.tnn_add_to_graph(sess, tap(unembed(b, norm(sess, x, b.weights.output_norm, cfg)), "hook_lens_logits", il))
+    return x
+
+
+def unembed(b: BuildContext, h):
+    """Logits of the final-normed ``h``: the output matrix (the embedding table when tied), Granite's
+    scale, Gemma 2's soft-cap."""
+    sess, cfg = b.sess, b.cfg
+    logits = tnn.tnn_matmul(sess, b.weights.out_matrix, h)
+    if cfg.logit_scale != 1.0:   # Granite divides the logits
+        logits = tnn.tnn_scale(sess, logits, f32_div(1.0, cfg.logit_scale))
+    return softcap(sess, logits, cfg.final_softcap)
 
 
 def head(b: BuildContext, x):
-    """Final norm and the output matrix (the embedding table when tied)."""
-    sess, cfg = b.sess, b.cfg
-    x = b.tap(norm(sess, x, b.weights.output_norm, cfg), "ln_final.hook_normalized")
-    logits = tnn.tnn_matmul(sess, b.weights.out_matrix, x)
-    if cfg.logit_scale != 1.0:   # Granite divides the logits
-        logits = tnn.tnn_scale(sess, logits, f32_div(1.0, cfg.logit_scale))
-    logits = b.tap(softcap(sess, logits, cfg.final_softcap), "hook_logits")
+    """Final norm and the output matrix: the logits."""
+    h = b.tap(norm(b.sess, x, b.weights.output_norm, b.cfg), "ln_final.hook_normalized")
+    logits = b.tap(unembed(b, h), "hook_logits")
     tnn.tnn_set_output(logits)
     return logits
 

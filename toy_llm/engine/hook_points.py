@@ -57,11 +57,15 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("hook_mlp_out", "[tokens, d_model]", "FFN (or MoE) output (before Gemma's post-norm)", _d),
     HookPoint("ln2_post.hook_normalized", "[tokens, d_model]", "post-FFN norm (Gemma)", _d),
     HookPoint("hook_resid_post", "[tokens, d_model]", "residual stream leaving the layer (llama.cpp's l_out)", _d),
+    HookPoint("hook_lens_logits", "[tokens, vocab]", "logit lens: the layer's output (resid_post) through the final "
+              "norm and the output matrix; computed only when asked for; read-only", lambda c: (c.vocab,)),
     HookPoint("ln_final.hook_normalized", "[tokens, d_model]", "final norm output", _d, False),
     HookPoint("hook_logits", "[tokens, vocab]", "logits (after Granite's scale and Gemma 2's soft-cap)",
               lambda c: (c.vocab,), False),
 )
 _BY_NAME = {h.name: h for h in HOOK_POINTS}
+READ_ONLY = ("attn.hook_pattern", "hook_lens_logits")
+ON_DEMAND = ("hook_lens_logits",)   # extra work beside the graph: only when a name or filter asks for it
 
 
 def hook_name(name: str, layer: int | None = None) -> str:
@@ -109,18 +113,21 @@ class Trace:
     def reads(self, name: str, layer: int | None = None) -> bool:
         """Will this graph keep ``name`` (tracing, and wanted)? For taps that cost a node to read."""
         full = hook_name(name, layer)
+        if full.endswith(ON_DEMAND):   # computed only when named: not part of "every hook point"
+            return self.enabled and self.wanted is not None and self.wanted(full)
         return self.enabled and (self.wanted is None or self.wanted(full))
 
     def _matching(self, full: str) -> list:
         """The interventions for ``full``; a filter (callable) skips read-only hook points, a name
         that names one is refused in _apply."""
-        read_only = full.endswith("attn.hook_pattern")
+        read_only = full.endswith(READ_ONLY)
         return [iv for match, iv in self.hooks
                 if (not read_only and match(full) if callable(match) else match == full)]
 
     def _apply(self, t, full: str, ivs: list):
-        if full.endswith("attn.hook_pattern"):
-            raise ValueError(f"{full} is read-only (hook the scores' inputs, attn.hook_q / attn.hook_k, instead)")
+        if full.endswith(READ_ONLY):
+            raise ValueError(f"{full} is read-only (it is computed beside the graph for reading: hook the "
+                             f"tensors it is computed from instead)")
         per_token = hook_point(full).per_token(self.cfg)
         for iv in ivs:
             t = iv.build(self, self.inputs, t, full, per_token)

@@ -94,10 +94,12 @@ class ZeroHeads(Intervention):
 @dataclass(frozen=True)
 class Patch(Intervention):
     """Replace the activation by ``values`` ([tokens of the whole run, ...per token], e.g. from
-    ``run_with_cache`` of another prompt of the same length): the graph reads the given values
-    from there on (activation patching)."""
+    ``run_with_cache`` of another prompt of the same length) at ``positions`` (None: all): the graph
+    reads the given values from there on (activation patching). Rows not patched are kept exactly
+    (t * 1 + 0)."""
 
     values: np.ndarray
+    positions: tuple[int, ...] | None = None
 
     def build(self, b, inp, t, name, per_token):
         vals = np.asarray(self.values, np.float32)
@@ -109,10 +111,15 @@ class Patch(Intervention):
         if n != inp.n_tokens or first + n > vals.shape[0]:
             raise ValueError(f"Patch on {name}: values cover {vals.shape[0]} positions; this graph needs "
                              f"positions {first}..{first + n - 1} of {n} rows")
-        # rows for the positions the graph runs at (a replayed decode graph runs at each position in turn)
-        t_new = inp.constant(b.sess, lambda positions: vals[positions])
         tnn.tnn_add_to_graph(b.sess, t)   # still computed, so the graph's inputs above it stay in the graph
-        return _like(b.sess, t_new, t)
+        # values are functions of the positions the graph runs at (a replayed decode graph runs at each in turn)
+        if self.positions is None:
+            return _like(b.sess, inp.constant(b.sess, lambda pos: vals[pos]), t)
+        chosen = np.zeros(vals.shape[0], bool)
+        chosen[list(self.positions)] = True
+        t_keep = inp.constant(b.sess, lambda pos: (~chosen[pos]).astype(np.float32)[:, None])    # [1, n]
+        t_new = inp.constant(b.sess, lambda pos: np.where(chosen[pos][:, None], vals[pos], 0.0))  # [k, n]
+        return _like(b.sess, tnn.tnn_add(b.sess, tnn.tnn_mul(b.sess, t2d, t_keep), t_new), t)
 
 
 class PythonHook(Intervention):
