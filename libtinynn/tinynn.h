@@ -186,6 +186,36 @@ int64_t      tnn_gguf_tensor_nbytes(tnn_gguf * g, int64_t idx);
 int          tnn_gguf_get_bool(tnn_gguf * g, const char * key);       /* 1/0; -1 when absent or not a bool */
 void *       tnn_gguf_mmap_base(tnn_gguf * g);
 int64_t      tnn_gguf_mmap_size(tnn_gguf * g);
+int          tnn_gguf_version(tnn_gguf * g);
+/* tensor shape: ndim counts dimensions as ggml_n_dims does (trailing 1s dropped, at least 1);
+ * ne(idx, dim) for dim 0..3 (1 past ndim) */
+int          tnn_gguf_tensor_ndim(tnn_gguf * g, int64_t idx);
+int64_t      tnn_gguf_tensor_ne(tnn_gguf * g, int64_t idx, int dim);
+/* key/value metadata by key index i in [0, n_kv). Types are GGUF value type ids (gguf.h enum
+ * gguf_type: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32, 6 f32, 7 bool, 8 str, 9 array, 10 u64,
+ * 11 i64, 12 f64). Every getter checks the handle, the index and the type (an error names the key
+ * and both types). Strings are as ggml keeps them: NUL-terminated (text after an embedded NUL,
+ * which llama.cpp does not see either, is not returned). */
+int64_t      tnn_gguf_n_kv(tnn_gguf * g);
+const char * tnn_gguf_key(tnn_gguf * g, int64_t i);
+int64_t      tnn_gguf_find_key(tnn_gguf * g, const char * key);     /* -1 when absent (not an error) */
+int          tnn_gguf_kv_type(tnn_gguf * g, int64_t i);
+int          tnn_gguf_val_i64(tnn_gguf * g, int64_t i, int64_t * out);  /* any int type; u64 > INT64_MAX refused */
+int          tnn_gguf_val_u64(tnn_gguf * g, int64_t i, uint64_t * out); /* any int type; negative refused */
+int          tnn_gguf_val_f64(tnn_gguf * g, int64_t i, double * out);   /* f32 or f64 */
+int          tnn_gguf_val_bool(tnn_gguf * g, int64_t i);                /* 1/0 */
+const char * tnn_gguf_val_str(tnn_gguf * g, int64_t i);
+int          tnn_gguf_arr_type(tnn_gguf * g, int64_t i);               /* element type of an array */
+int64_t      tnn_gguf_arr_n(tnn_gguf * g, int64_t i);
+/* a numeric or bool array (bool: one byte 0/1 each) into dst; dst_size must be exactly
+ * n * element size; returns the bytes copied */
+int64_t      tnn_gguf_arr_copy(tnn_gguf * g, int64_t i, void * dst, int64_t dst_size);
+const char * tnn_gguf_arr_str(tnn_gguf * g, int64_t i, int64_t j);     /* element j of a string array */
+/* a whole string array in one call: the bytes of all strings back to back into buf (buf_size
+ * exactly tnn_gguf_arr_str_nbytes), and n+1 offsets (string j is buf[offsets[j]:offsets[j+1]]) */
+int64_t      tnn_gguf_arr_str_nbytes(tnn_gguf * g, int64_t i);
+int          tnn_gguf_arr_str_copy(tnn_gguf * g, int64_t i, char * buf, int64_t buf_size, int64_t * offsets,
+                                   int64_t n_offsets);
 /* TNN_CDEF_END */
 
 #ifdef __cplusplus

@@ -4,17 +4,24 @@ This is the only module that knows GGUF key names and per-architecture quirks;
 graph code reads the flags here, never keys or arch names (DESIGN.md). The
 values mirror what llama.cpp derives in ``llama-model.cpp`` / ``src/models/*``
 and ``llama-context.cpp`` for the same file.
+
+The file is read through :mod:`toy_llm.gguf_meta` (ggml's own GGUF reader, via
+libtinynn): a key of the wrong type raises :class:`GGUFLoadError` naming the file,
+the key and both types.
 """
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .ggml_types import GGML_TYPE_F32
+from .gguf_meta import GGUFLoadError, open_meta
+
+__all__ = ["GGUFLoadError", "ModelConfig", "RopeScaling", "load_config", "detect_weight_type", "SUPPORTED_ARCHS"]
 
 ROPE_NORMAL, ROPE_NEOX = 0, 2   # ggml_rope_ext modes (ggml.h GGML_ROPE_TYPE_*)
 
@@ -38,10 +45,6 @@ MOE_RENORM_BY_ARCH = {"llama": True, "mixtral": True, "qwen3moe": True, "granite
 def inv_sqrt_f32(n: float) -> float:
     """1.0f / sqrtf(float(n)), as llama.cpp computes scales (float32 rounding at each step)."""
     return float(np.float32(1.0) / np.sqrt(np.float32(n)))
-
-
-class GGUFLoadError(ValueError):
-    """A GGUF file cannot be used; the message names the file and the key or tensor."""
 
 
 @dataclass(frozen=True)
@@ -170,89 +173,82 @@ class ModelConfig:
         return self.n_experts > 0
 
 
-def _reader(path_or_reader):
-    import gguf
-
-    if isinstance(path_or_reader, gguf.GGUFReader):
-        return path_or_reader
-    p = Path(path_or_reader)
-    if not p.exists():
-        raise GGUFLoadError(f"{p}: no such file")
-    try:
-        return gguf.GGUFReader(str(p))
-    except Exception as e:  # the gguf package raises ValueError/struct errors on junk
-        raise GGUFLoadError(f"{p}: not a readable GGUF file ({e})") from e
-
-
-def _field(r, key, default=None):
-    f = r.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
-
-
-def detect_weight_type(path_or_reader) -> int:
-    """The most common ggml type among the 2-D ``blk.*`` weights (what the seed calls weight_type)."""
-    r = _reader(path_or_reader)
-    c = Counter(int(t.tensor_type) for t in r.tensors
-                if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2)
+def _weight_type(tensors) -> int:
+    c = Counter(t.type for name, t in tensors.items()
+                if name.startswith("blk.") and name.endswith(".weight") and len(t.shape) == 2)
     if not c:
         return GGML_TYPE_F32
     return c.most_common(1)[0][0]
 
 
+def detect_weight_type(path_or_reader) -> int:
+    """The most common ggml type among the 2-D ``blk.*`` weights (what the seed calls weight_type).
+    ``path_or_reader``: a path, a :class:`~toy_llm.gguf_meta.GGUFMeta` or a ``gguf.GGUFReader``."""
+    with open_meta(path_or_reader) as m:
+        return _weight_type(m.tensors)
+
+
 def load_config(path_or_reader) -> ModelConfig:
-    """Read ``path``'s metadata into a :class:`ModelConfig`; unsupported arch or missing key -> GGUFLoadError."""
-    r = _reader(path_or_reader)
-    path = str(getattr(r.data, "filename", None) or path_or_reader)
-    arch = _field(r, "general.architecture")
+    """Read ``path``'s metadata into a :class:`ModelConfig`; unsupported arch, missing key or a key of
+    the wrong type -> GGUFLoadError. ``path_or_reader``: a path, a
+    :class:`~toy_llm.gguf_meta.GGUFMeta` (left open) or a ``gguf.GGUFReader``."""
+    with open_meta(path_or_reader) as m:
+        return _config(m)
+
+
+def _config(m) -> ModelConfig:
+    path = os.path.abspath(m.path) if m.path != "<gguf.GGUFReader>" else m.path
+    arch = m.get_str("general.architecture", None)
     if arch is None:
         raise GGUFLoadError(f"{path}: missing key 'general.architecture'")
     if arch not in SUPPORTED_ARCHS:
         raise GGUFLoadError(f"{path}: unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
 
     def req(key):
-        v = _field(r, f"{arch}.{key}")
-        if v is None:
-            raise GGUFLoadError(f"{path}: missing key '{arch}.{key}'")
-        return v
+        return m.get_int(f"{arch}.{key}")
 
-    def opt(key, default):
-        v = _field(r, f"{arch}.{key}")
-        return default if v is None else v
+    def opt_int(key, default):
+        return m.get_int(f"{arch}.{key}", default)
 
-    tensors = {t.name: t for t in r.tensors}
-    d_model = int(req("embedding_length"))
-    n_heads = int(req("attention.head_count"))
-    n_kv = int(opt("attention.head_count_kv", n_heads))
-    head_dim = int(opt("attention.key_length", d_model // n_heads))
-    n_layers = int(req("block_count"))
+    def opt_float(key, default):
+        return m.get_float(f"{arch}.{key}", default)
+
+    tensors = m.tensors
+    d_model = req("embedding_length")
+    n_heads = req("attention.head_count")
+    if n_heads <= 0:
+        raise GGUFLoadError(f"{path}: key '{arch}.attention.head_count' is {n_heads}, expected > 0")
+    n_kv = opt_int("attention.head_count_kv", n_heads)
+    head_dim = opt_int("attention.key_length", d_model // n_heads)
+    n_layers = req("block_count")
     if "token_embd.weight" not in tensors:
         raise GGUFLoadError(f"{path}: missing tensor 'token_embd.weight'")
-    vocab = int(tensors["token_embd.weight"].shape[1])
-    d_ff = int(opt("feed_forward_length", 0) or opt("expert_feed_forward_length", 0))
-    n_experts = int(opt("expert_count", 0))
+    embd_shape = tensors["token_embd.weight"].shape
+    if len(embd_shape) != 2:
+        raise GGUFLoadError(f"{path}: tensor 'token_embd.weight' has shape {list(embd_shape)}, expected 2-D")
+    vocab = int(embd_shape[1])
+    d_ff = opt_int("feed_forward_length", 0) or opt_int("expert_feed_forward_length", 0)
+    n_experts = opt_int("expert_count", 0)
     if n_experts:
-        d_ff = int(opt("expert_feed_forward_length", d_ff))
+        d_ff = opt_int("expert_feed_forward_length", d_ff)
 
-    rope_base = float(opt("rope.freq_base", 10000.0))
-    rope_dim = int(opt("rope.dimension_count", head_dim))
-    scaling = _rope_scaling(r, arch, head_dim, rope_base, "rope_freqs.weight" in tensors)
+    rope_base = opt_float("rope.freq_base", 10000.0)
+    rope_dim = opt_int("rope.dimension_count", head_dim)
+    scaling = _rope_scaling(m, arch, head_dim, rope_base, "rope_freqs.weight" in tensors)
 
     qk_norm_kind = 0
     if "blk.0.attn_q_norm.weight" in tensors:
-        n = int(np.prod(tensors["blk.0.attn_q_norm.weight"].shape))
+        n = tensors["blk.0.attn_q_norm.weight"].n_elements
         qk_norm_kind = 1 if n == head_dim else 2
 
     is_gemma = arch in ("gemma2", "gemma3")
-    swa_window, swa_pattern = _swa(r, arch, n_layers)
+    swa_window, swa_pattern = _swa(m, arch, n_layers)
     rope_base_swa = 0.0
     if swa_window:
         # llama.cpp: gemma2 defaults the local base to the global one, gemma3 to 10000
-        rope_base_swa = float(opt("rope.freq_base_swa", rope_base if arch == "gemma2" else 10000.0))
+        rope_base_swa = opt_float("rope.freq_base_swa", rope_base if arch == "gemma2" else 10000.0)
 
-    attn_scale = float(opt("attention.scale", 0.0))
+    attn_scale = opt_float("attention.scale", 0.0)
     if is_gemma:
         # llama.cpp: 1/sqrt(head_dim), or 1/sqrt(d_model/n_heads) for the 27B models; applied to Q
         big = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
@@ -260,54 +256,56 @@ def load_config(path_or_reader) -> ModelConfig:
 
     return ModelConfig(
         path=str(path), arch=arch, d_model=d_model, d_ff=d_ff, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
-        n_layers=n_layers, vocab=vocab, context_length=int(opt("context_length", 2048)),
+        n_layers=n_layers, vocab=vocab, context_length=opt_int("context_length", 2048),
         rope_base=rope_base, rope_dim=rope_dim, rope_mode=ROPE_MODE_BY_ARCH[arch], rope_scaling=scaling,
-        rms_eps=float(opt("attention.layer_norm_rms_epsilon", 1e-5)),
-        weight_type=detect_weight_type(r),
+        rms_eps=opt_float("attention.layer_norm_rms_epsilon", 1e-5),
+        weight_type=_weight_type(tensors),
         untied_output="output.weight" in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         qk_norm_kind=qk_norm_kind,
         post_norms="blk.0.post_attention_norm.weight" in tensors,
         swa_window=swa_window, swa_pattern=swa_pattern,
-        attn_softcap=float(opt("attn_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
-        final_softcap=float(opt("final_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
-        embed_scale=float(np.sqrt(np.float32(d_model))) if is_gemma else float(opt("embedding_scale", 1.0)),
+        attn_softcap=opt_float("attn_logit_softcapping", 0.0) if arch == "gemma2" else 0.0,
+        final_softcap=opt_float("final_logit_softcapping", 0.0) if arch == "gemma2" else 0.0,
+        embed_scale=float(np.sqrt(np.float32(d_model))) if is_gemma else opt_float("embedding_scale", 1.0),
         attn_scale=attn_scale, q_prescale=is_gemma, rope_base_swa=rope_base_swa,
         ffn_act="gelu" if is_gemma else "silu",
-        n_experts=n_experts, n_experts_used=int(opt("expert_used_count", 0)),
+        n_experts=n_experts, n_experts_used=opt_int("expert_used_count", 0),
         expert_weights_norm=n_experts > 0 and MOE_RENORM_BY_ARCH.get(arch, False),
-        expert_weights_scale=float(opt("expert_weights_scale", 0.0)),
-        residual_scale=float(opt("residual_scale", 1.0)),
-        logit_scale=float(opt("logit_scale", 1.0)),
+        expert_weights_scale=opt_float("expert_weights_scale", 0.0),
+        residual_scale=opt_float("residual_scale", 1.0),
+        logit_scale=opt_float("logit_scale", 1.0),
         has_rope_freqs="rope_freqs.weight" in tensors,
         per_head_qkv="blk.0.attn_q.head_0.weight" in tensors,
-        tensor_types={name: int(t.tensor_type) for name, t in tensors.items()},
+        tensor_types={name: t.type for name, t in tensors.items()},
     )
 
 
-def _swa(r, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
+def _swa(m, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
     """Sliding window and which layers use it (llama.cpp's load_swa_pattern / set_swa_pattern)."""
-    window = int(_field(r, f"{arch}.attention.sliding_window", 0) or 0)
+    window = m.get_int(f"{arch}.attention.sliding_window", 0)
     if not window or arch not in ("gemma2", "gemma3"):
         return 0, ()
-    pattern = _field(r, f"{arch}.attention.sliding_window_pattern")
-    if isinstance(pattern, (list, tuple)):
-        return window, tuple(bool(x) for x in pattern[:n_layers])
-    n = int(pattern) if pattern is not None else (2 if arch == "gemma2" else 6)
+    key = f"{arch}.attention.sliding_window_pattern"
+    if key in m and m.type_of(key).startswith("arr"):
+        return window, tuple(bool(x) for x in m.get_array(key)[:n_layers])
+    n = m.get_int(key, 2 if arch == "gemma2" else 6)
     return window, tuple(n == 0 or il % n < n - 1 for il in range(n_layers))
 
 
-def _rope_scaling(r, arch: str, head_dim: int, rope_base: float, has_rope_freqs: bool) -> RopeScaling:
-    def opt(key, default):
-        v = _field(r, f"{arch}.{key}")
-        return default if v is None else v
+def _rope_scaling(m, arch: str, head_dim: int, rope_base: float, has_rope_freqs: bool) -> RopeScaling:
+    def opt_float(key, default):
+        return m.get_float(f"{arch}.{key}", default)
 
-    kind = str(opt("rope.scaling.type", "none"))
-    factor = float(opt("rope.scaling.factor", 0.0) or 1.0)
-    orig = int(opt("rope.scaling.original_context_length", 0) or opt("context_length", 0))
-    beta_fast = float(opt("rope.scaling.yarn_beta_fast", 32.0))
-    beta_slow = float(opt("rope.scaling.yarn_beta_slow", 1.0))
-    attn_factor = float(opt("rope.scaling.attn_factor", 1.0))
+    def opt_int(key, default):
+        return m.get_int(f"{arch}.{key}", default)
+
+    kind = m.get_str(f"{arch}.rope.scaling.type", "none")
+    factor = opt_float("rope.scaling.factor", 0.0) or 1.0
+    orig = opt_int("rope.scaling.original_context_length", 0) or opt_int("context_length", 0)
+    beta_fast = opt_float("rope.scaling.yarn_beta_fast", 32.0)
+    beta_slow = opt_float("rope.scaling.yarn_beta_slow", 1.0)
+    attn_factor = opt_float("rope.scaling.attn_factor", 1.0)
     if has_rope_freqs and kind == "none":
         kind = "llama3"   # the converter writes Llama 3's factors as a tensor
     if kind == "linear":
@@ -321,7 +319,7 @@ def _rope_scaling(r, arch: str, head_dim: int, rope_base: float, has_rope_freqs:
                            beta_fast=beta_fast, beta_slow=beta_slow, orig_max_pos=orig)
     if kind == "llama3":
         return RopeScaling(kind="llama3", factor=factor, orig_max_pos=orig,
-                           low_freq_factor=float(opt("rope.scaling.low_freq_factor", 1.0)),
-                           high_freq_factor=float(opt("rope.scaling.high_freq_factor", 4.0)),
+                           low_freq_factor=opt_float("rope.scaling.low_freq_factor", 1.0),
+                           high_freq_factor=opt_float("rope.scaling.high_freq_factor", 4.0),
                            beta_fast=beta_fast, beta_slow=beta_slow)
     return RopeScaling(beta_fast=beta_fast, beta_slow=beta_slow, orig_max_pos=orig)

@@ -33,11 +33,9 @@ Porting notes (things that are easy to get subtly wrong):
 from __future__ import annotations
 
 import heapq
-import mmap
-import os
 import re
-import struct
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -72,6 +70,9 @@ _TOKEN_TYPE_TO_ATTR = {
     6: ATTR_BYTE,
 }
 
+# the same as a lookup table (index: token type)
+_TOKEN_TYPE_ATTR_LUT = np.array([_TOKEN_TYPE_TO_ATTR[t] for t in range(len(_TOKEN_TYPE_TO_ATTR))], dtype=np.int64)
+
 _SPACE_ESCAPE = "\u2581"  # "▁", SentencePiece's visible space
 _C_ISSPACE = frozenset(" \t\n\v\f\r")  # C isspace() in the "C" locale
 
@@ -79,118 +80,40 @@ _C_ISSPACE = frozenset(" \t\n\v\f\r")  # C isspace() in the "C" locale
 # GGUF metadata
 # ---------------------------------------------------------------------------------------
 
-_GGUF_STRING = 8
-_GGUF_ARRAY = 9
-_GGUF_SCALAR_FMT = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-    10: "<Q", 11: "<q", 12: "<d",
+# The keys the tokenizer reads, and the typed accessor of toy_llm.gguf_meta for each (a key of
+# another type raises GGUFLoadError naming the file, the key and both types).
+_KEY_KINDS: dict[str, str] = {
+    "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str", "tokenizer.chat_template": "str",
+    "general.name": "str", "general.architecture": "str",
+    "tokenizer.ggml.tokens": "str_list", "tokenizer.ggml.merges": "str_list",
+    "tokenizer.ggml.scores": "array", "tokenizer.ggml.token_type": "array",
+    "tokenizer.ggml.add_space_prefix": "bool", "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_eos_token": "bool",
 }
-_GGUF_NUMPY_DTYPE = {
-    0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-    10: "<u8", 11: "<i8", 12: "<f8",
-}
 
 
-class _GGUFMetadataParser:
-    """Reads only the key/value section of a GGUF file.
+class _MetaView(Mapping):
+    """The ``tokenizer.*`` / ``general.*`` keys of an open GGUF metadata source
+    (:mod:`toy_llm.gguf_meta`), read on first access only: each array is read once, straight
+    into the object the tokenizer keeps."""
 
-    ``gguf.GGUFReader`` builds a numpy view per array element and takes ~15 s on a
-    262k-token vocab; walking the bytes directly takes well under a second.
-    """
+    def __init__(self, meta: Any) -> None:
+        self._m = meta
 
-    _U64 = struct.Struct("<Q")
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.startswith(("tokenizer.", "general.")) and key in self._m
 
-    def __init__(self, buf: Any) -> None:
-        self.buf = buf
-        self.off = 0
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        kind = _KEY_KINDS.get(key) or ("int" if key.endswith("_token_id") else None)
+        return getattr(self._m, "get_" + kind)(key) if kind else self._m[key]
 
-    def _scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.buf, self.off)
-        self.off += struct.calcsize(fmt)
-        return value
+    def __iter__(self):
+        return (k for k in self._m.keys() if k.startswith(("tokenizer.", "general.")))
 
-    def _string(self) -> str:
-        n = self._scalar("<Q")
-        raw = self.buf[self.off:self.off + n]
-        self.off += n
-        return bytes(raw).decode("utf-8", "surrogateescape")
-
-    def _string_array(self, n: int) -> list[str]:
-        # hot loop for vocab/merges arrays: keep everything in locals
-        buf, off, unpack = self.buf, self.off, self._U64.unpack_from
-        out = [""] * n
-        for i in range(n):
-            (length,) = unpack(buf, off)
-            off += 8
-            out[i] = bytes(buf[off:off + length]).decode("utf-8", "surrogateescape")
-            off += length
-        self.off = off
-        return out
-
-    def _value(self, vtype: int) -> Any:
-        if vtype == _GGUF_STRING:
-            return self._string()
-        if vtype == _GGUF_ARRAY:
-            etype = self._scalar("<I")
-            n = self._scalar("<Q")
-            if etype == _GGUF_STRING:
-                return self._string_array(n)
-            if etype == _GGUF_ARRAY:
-                return [self._value(_GGUF_ARRAY) for _ in range(n)]
-            dtype = np.dtype(_GGUF_NUMPY_DTYPE[etype])
-            size = dtype.itemsize * n
-            arr = np.frombuffer(bytes(self.buf[self.off:self.off + size]), dtype=dtype)
-            self.off += size
-            return arr
-        if vtype not in _GGUF_SCALAR_FMT:
-            raise ValueError(f"GGUF: unknown metadata value type {vtype}")
-        return self._scalar(_GGUF_SCALAR_FMT[vtype])
-
-    def parse(self) -> dict[str, Any]:
-        if bytes(self.buf[:4]) != b"GGUF":
-            raise ValueError("not a GGUF file (bad magic)")
-        self.off = 4
-        version = self._scalar("<I")
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported (need >= 2)")
-        self._scalar("<Q")  # tensor count
-        n_kv = self._scalar("<Q")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = self._string()
-            meta[key] = self._value(self._scalar("<I"))
-        return meta
-
-
-def _read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _GGUFMetadataParser(mm).parse()
-
-
-def _metadata_from_reader(reader: Any) -> dict[str, Any]:
-    """Converts the tokenizer/general fields of a ``gguf.GGUFReader`` to plain values."""
-    meta: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if not (name.startswith("tokenizer.") or name.startswith("general.")):
-            continue
-        types = [int(t) for t in field.types]
-        parts = field.parts
-        if types[0] == _GGUF_ARRAY:
-            if len(types) > 1 and types[1] == _GGUF_STRING:
-                meta[name] = [bytes(parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
-            elif len(types) > 1 and types[1] != _GGUF_ARRAY:
-                chunks = [np.asarray(parts[i]) for i in field.data]
-                dtype = np.dtype(_GGUF_NUMPY_DTYPE[types[1]])
-                meta[name] = np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype)
-            else:
-                meta[name] = field.contents()
-        elif types[0] == _GGUF_STRING:
-            meta[name] = bytes(parts[field.data[0]]).decode("utf-8", "surrogateescape")
-        else:
-            value = parts[field.data[0]][0].item()
-            meta[name] = bool(value) if types[0] == 7 else value
-    return meta
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 # ---------------------------------------------------------------------------------------
@@ -791,6 +714,12 @@ _SPECIAL_ID_KEYS = (
 _WORD_CACHE_LIMIT = 1 << 16
 
 
+def _ids_with(attrs: list[int], mask: int) -> list[int]:
+    """Ascending ids whose attribute has any bit of ``mask`` (one vectorised pass)."""
+    a = np.fromiter(attrs, dtype=np.int64, count=len(attrs))
+    return np.flatnonzero(a & mask).tolist()
+
+
 class Tokenizer:
     """llama.cpp-compatible tokenizer built from GGUF metadata.
 
@@ -801,11 +730,13 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: Any) -> "Tokenizer":
-        if isinstance(path_or_reader, (str, os.PathLike)):
-            return cls.from_metadata(_read_gguf_metadata(path_or_reader))
-        if hasattr(path_or_reader, "fields"):
-            return cls.from_metadata(_metadata_from_reader(path_or_reader))
-        raise TypeError(f"expected a path or a gguf.GGUFReader, got {type(path_or_reader).__name__}")
+        """From a GGUF path (read with ggml's reader, :class:`toy_llm.gguf_meta.GGUFMeta`), an open
+        ``GGUFMeta`` (left open) or a ``gguf.GGUFReader``. An unreadable file or a key of the wrong
+        type raises :class:`toy_llm.gguf_meta.GGUFLoadError` (a ValueError)."""
+        from .gguf_meta import open_meta   # (TypeError for anything else)
+
+        with open_meta(path_or_reader) as meta:
+            return cls(_MetaView(meta), _own_arrays=True)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
@@ -813,7 +744,10 @@ class Tokenizer:
         string arrays as ``list[str]``, numeric arrays as sequences/numpy arrays."""
         return cls(meta)
 
-    def __init__(self, meta: dict[str, Any]) -> None:
+    def __init__(self, meta: Mapping[str, Any], *, _own_arrays: bool = False) -> None:
+        # _own_arrays: the string lists in meta were read for this tokenizer (from_gguf), so the
+        # token list is kept as is instead of copied
+        self._own_arrays = _own_arrays
         if meta.get("tokenizer.ggml.model") is None:
             raise ValueError("GGUF has no tokenizer.ggml.model")
         self.model: str = str(meta["tokenizer.ggml.model"])
@@ -827,8 +761,7 @@ class Tokenizer:
         self._apply_model_specific_attrs(meta)
         # special tokens longest-first so that e.g. "<|im_start|>" wins over "<|im"
         self._special_cache = sorted(
-            (i for i, a in enumerate(self._attrs)
-             if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)),
+            _ids_with(self._attrs, ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN),
             key=lambda i: (-len(self._texts[i].encode("utf-8", "surrogateescape")), i))
         self._pieces: list[bytes | None] = [None] * len(self._texts)
         self._word_cache: dict[str, list[int]] = {}
@@ -878,11 +811,8 @@ class Tokenizer:
         merges = meta.get("tokenizer.ggml.merges")
         if merges is None:
             raise ValueError("BPE tokenizer without tokenizer.ggml.merges")
-        pairs = []
-        for merge in merges:
-            # llama.cpp splits at the first space after the first byte; no space -> ("", "")
-            pos = merge.find(" ", 1)
-            pairs.append((merge[:pos], merge[pos + 1:]) if pos >= 0 else ("", ""))
+        # llama.cpp splits at the first space after the first byte; no space -> ("", "")
+        pairs = [(m[:pos], m[pos + 1:]) if (pos := m.find(" ", 1)) >= 0 else ("", "") for m in merges]
         # emplace() keeps the first rank of a duplicated pair: insert in reverse order
         n = len(pairs)
         self._bpe_ranks = dict(zip(reversed(pairs), range(n - 1, -1, -1)))
@@ -892,9 +822,15 @@ class Tokenizer:
         if tokens is None:
             raise ValueError("GGUF has no tokenizer.ggml.tokens")
         n = len(tokens)
-        self._texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        # the list read from the file is kept (no copy); a caller's list is copied
+        texts = tokens if self._own_arrays and type(tokens) is list else list(tokens)
+        if not all(texts):
+            for i, t in enumerate(texts):
+                if not t:
+                    texts[i] = f"[EMPTY_{i}]"
+        self._texts = texts
         scores = meta.get("tokenizer.ggml.scores")
-        self._scores = ([float(s) for s in np.asarray(scores, dtype=np.float32)[:n]]
+        self._scores = (np.asarray(scores, dtype=np.float32)[:n].tolist()
                         if scores is not None else [0.0] * n)
         if len(self._scores) < n:
             raise ValueError("tokenizer.ggml.scores is shorter than the vocab")
@@ -902,11 +838,13 @@ class Tokenizer:
         if types is None:
             self._attrs = [ATTR_NORMAL] * n
         else:
-            self._attrs = [_TOKEN_TYPE_TO_ATTR.get(int(t), ATTR_UNDEFINED) for t in types[:n]]
-            if len(self._attrs) < n:
+            t = np.asarray(types)[:n].astype(np.int64)
+            if len(t) < n:
                 raise ValueError("tokenizer.ggml.token_type is shorter than the vocab")
+            known = (t >= 0) & (t < len(_TOKEN_TYPE_ATTR_LUT))
+            self._attrs = np.where(known, _TOKEN_TYPE_ATTR_LUT[np.where(known, t, 0)], ATTR_UNDEFINED).tolist()
         # later duplicates win, like token_to_id[word] = i in llama.cpp
-        self._token_to_id = {t: i for i, t in enumerate(self._texts)}
+        self._token_to_id = dict(zip(texts, range(n)))
 
     def _load_special_ids(self, meta: dict[str, Any]) -> None:
         n = len(self._texts)
@@ -933,8 +871,9 @@ class Tokenizer:
     def _detect_special_tokens(self) -> None:
         """Text-based EOT/FIM/EOG detection of llama_vocab::impl::load, including the
         attribute fix-ups, because they change how the text is partitioned."""
-        ids, attrs, texts = self._ids, self._attrs, self._texts
-        vocab_items = list(self._token_to_id.items())
+        ids, attrs, texts, to_id = self._ids, self._attrs, self._texts, self._token_to_id
+        # (llama.cpp scans its token_to_id map; here the few candidate texts are looked up instead,
+        # and only control tokens are scanned for "unused": the same tokens, without a pass over the vocab)
         # llama.cpp takes the first match in unordered_map order, i.e. an unspecified
         # one when a vocab has several candidates; we prefer the order of the list
         # ("<|eot_id|>" over "<|end_of_text|>", "<|im_end|>" over "<|endoftext|>"),
@@ -949,19 +888,22 @@ class Tokenizer:
                     ids[name] = tid
                     attrs[tid] |= ATTR_CONTROL
                     break
-        # control tokens named "...unused..." are unused
-        for text, tid in vocab_items:
-            if attrs[tid] & ATTR_CONTROL and "unused" in text:
+        # control tokens named "...unused..." are unused (each text once: the id token_to_id keeps)
+        for tid in _ids_with(attrs, ATTR_CONTROL):
+            text = texts[tid]
+            if "unused" in text and to_id[text] == tid:
                 attrs[tid] |= ATTR_UNUSED
 
         eog = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids[k] is not None}
-        for text, tid in vocab_items:
-            if text in _EOG_TEXTS:
+        for text in _EOG_TEXTS:
+            tid = to_id.get(text)
+            if tid is not None:
                 eog.add(tid)
                 attrs[tid] |= ATTR_CONTROL
         # gpt-oss: these are always rendered
-        for text, tid in vocab_items:
-            if text in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
+        for text in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
+            tid = to_id.get(text)
+            if tid is not None:
                 attrs[tid] = ATTR_USER_DEFINED
         eog.update(ids[k] for k in ("eos", "eot", "eom") if ids[k] is not None)
 

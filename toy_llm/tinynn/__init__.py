@@ -91,8 +91,8 @@ def last_error() -> str:
 
 
 # Functions whose negative/NULL results are values, not failures.
-#   tnn_gguf_find_index / tnn_gguf_get_bool: -1 means "absent"; -2 is an error.
-_ABSENT_IS_MINUS_ONE = {"tnn_gguf_find_index", "tnn_gguf_get_bool"}
+#   tnn_gguf_find_index / tnn_gguf_find_key / tnn_gguf_get_bool: -1 means "absent"; -2 is an error.
+_ABSENT_IS_MINUS_ONE = {"tnn_gguf_find_index", "tnn_gguf_find_key", "tnn_gguf_get_bool"}
 _NEVER_FAILS = {"tnn_null_ptr", "tnn_last_error", "tnn_clear_error", "tnn_type_name", "tnn_type_count",
                 "tnn_have_backend"}
 
