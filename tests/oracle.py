@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 GGML_TYPE_F32, GGML_TYPE_Q8_0 = 0, 8
-KV_GGML_TYPE = {"f32": GGML_TYPE_F32, "q8_0": GGML_TYPE_Q8_0}
+KV_GGML_TYPE = {"f32": GGML_TYPE_F32, "f16": 1, "q8_0": GGML_TYPE_Q8_0}
 
 # Text for teacher forcing: varied English prose so the 128 positions exercise many tokens.
 PARITY_TEXT = (
@@ -32,9 +32,10 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installed by `make test`")
 
 
-def ubatch_oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_batch: int = 1, n_ctx: int = 512,
+def ubatch_oracle(path, kv_type: str = "f16", flash_attn: bool = False, n_batch: int = 1, n_ctx: int = 512,
                   logits_all: bool = True):
     """llama.cpp on ``path`` evaluating ubatches of ``n_batch`` positions (n_batch = n_ubatch), with
+    the KV type given (default: F16, llama.cpp's own default, as toy_llm.load's), and
     logits for every position (``logits_all=False``: only each eval's last, llama.cpp's default).
     n_batch=1 is one position per graph, as our decode graphs compute."""
     lc = llama_cpp()
@@ -43,7 +44,7 @@ def ubatch_oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_batch:
                     flash_attn=flash_attn)
 
 
-def ubatch_logits(path, tokens, kv_type: str = "f32", flash_attn: bool = False, n_batch: int = 1,
+def ubatch_logits(path, tokens, kv_type: str = "f16", flash_attn: bool = False, n_batch: int = 1,
                   n_ctx: int = 512, last_only: bool = False) -> np.ndarray:
     """llama.cpp's logits [len(tokens), vocab], evaluated in ubatches of ``n_batch`` positions; with
     ``last_only``, [1, vocab] of the last position computed without logits_all (llama.cpp then
@@ -70,7 +71,7 @@ def greedy_reference(path, prompt: str, n: int, add_bos: bool = False, **oracle_
 
 
 @contextlib.contextmanager
-def oracle(path, kv_type: str = "f32", flash_attn: bool = False, n_ctx: int = 512):
+def oracle(path, kv_type: str = "f16", flash_attn: bool = False, n_ctx: int = 512):
     """A llama.cpp context on ``path`` with logits for every position (whole-prompt ubatches)."""
     llm = ubatch_oracle(path, kv_type, flash_attn, n_batch=n_ctx, n_ctx=n_ctx)
     try:

@@ -35,7 +35,7 @@ def tokens(gemma3):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per_head", "fused_one_position_per_graph"])
-@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True), ("f16", False)])
 def test_gemma3_teacher_forced_logits(gemma3, tokens, kv_type, flash, fused):
     ref = ubatch_logits(gemma3, tokens, kv_type, flash, n_ctx=256)
     with toy_llm.load(gemma3, max_T=256, kv_type=kv_type, flash_attn=flash,

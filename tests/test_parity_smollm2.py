@@ -50,8 +50,11 @@ def tokens(smollm2):
     ("f32", True, "mmap", False),
     ("q8_0", True, "mmap", False),
     ("f32", False, "copy", False),
-    ("f32", False, "mmap", True),     # the fused-heads graph
+    ("f32", False, "mmap", True),     # the fused graph, one position per graph
     ("q8_0", True, "mmap", True),
+    ("f16", False, "mmap", False),    # llama.cpp's default KV type
+    ("f16", False, "mmap", True),
+    ("f16", True, "mmap", True),
 ])
 def test_teacher_forced_logits_match_llama_cpp(smollm2, tokens, kv_type, flash, loader, fused):
     ref = ubatch_logits(smollm2, tokens, kv_type, flash)
@@ -136,7 +139,7 @@ def test_mmap_path_does_not_copy_weights(smollm2):
 
 
 @pytest.mark.parametrize("n_batch", [512, 48], ids=["one_ubatch", "ubatches_of_48"])
-@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True), ("f16", False)])
 def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, flash, n_batch):
     """A prompt evaluated n_batch positions per graph (fused heads) against llama.cpp evaluating it in
     ubatches of the same size: the batched kernels (GEMM instead of GEMV, Q8 activations of several
@@ -158,7 +161,7 @@ def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, fla
     assert agree == 1.0 and max_abs <= BOUND
 
 
-@pytest.mark.parametrize("kv_type,flash", [("f32", False), ("q8_0", True)])
+@pytest.mark.parametrize("kv_type,flash", [("f16", False), ("f32", False), ("q8_0", True)])
 def test_greedy_after_batched_prompt_identical_text(smollm2, kv_type, flash):
     """The defaults on both sides: llama.cpp's default way of generating (n_batch = n_ubatch = 512: the
     prompt as one batch whose last position alone gets logits, then one token a step) against

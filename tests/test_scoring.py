@@ -43,7 +43,7 @@ def pair(request):
 
     path = fetch("smollm2" if request.param == "smollm2" else "gemma3-270m")
     m = toy_llm.load(path, max_T=128)
-    llm = ubatch_oracle(path, n_batch=512, n_ctx=N_CTX)   # F32 KV, no flash attention, as toy_llm.load()
+    llm = ubatch_oracle(path, n_batch=512, n_ctx=N_CTX)   # F16 KV, no flash attention: both sides' defaults
     try:
         yield request.param, m, llm
     finally:

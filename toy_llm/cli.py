@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--backend", choices=("cpu", "cuda", "metal"), default="cpu",
                    help="ggml backend; falls back to CPU when not compiled in (default cpu)")
-    p.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f32",
+    p.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16",
                    help="KV cache type; q8_0 also turns flash attention on (default f32)")
     p.add_argument("--flash-attn", action="store_true", help="use ggml_flash_attn_ext for attention")
     p.add_argument("--graph", choices=GRAPHS, default="fused",
@@ -44,9 +44,21 @@ def _load(args):
                 n_batch=args.batch, progress=args.loader == "copy")
 
 
+def _control_vector(m, spec: str) -> None:
+    """--control-vector FILE[:strength], repeatable: llama.cpp's control-vector GGUFs."""
+    path, sep, strength = spec.rpartition(":")
+    try:
+        value = float(strength) if sep else 1.0
+    except ValueError:          # a ':' inside the file name
+        path, value = spec, 1.0
+    m.set_control_vector(path if sep else spec, strength=value)
+
+
 def cmd_generate(args) -> int:
     m = _load(args)
     with m:
+        for spec in args.control_vector:
+            _control_vector(m, spec)
         pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temp, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                             seed=args.seed, stop=args.stop, stream=True, chat=args.chat)
@@ -66,18 +78,20 @@ def cmd_info(args) -> int:
     from collections import Counter
     from pathlib import Path
 
-    import gguf
-
     from .gguf_load import load_config
+    from .gguf_meta import GGUFMeta
+    from .tinynn import tnn_type_name
 
     path = Path(args.path)
-    cfg = load_config(path)
-    r = gguf.GGUFReader(str(path))
-    types = Counter(t.tensor_type.name for t in r.tensors)
-    n_params = sum(int(t.n_elements) for t in r.tensors)
+    with GGUFMeta(path) as m:
+        cfg = load_config(m)
+        name = m.get_str("general.name", "-")
+        tensors = m.tensors
+    types = Counter((tnn_type_name(t.type) or f"type {t.type}").upper() for t in tensors.values())
+    n_params = sum(t.n_elements for t in tensors.values())
     print(f"file         {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    print(f"arch         {cfg.arch}   name: {r.fields['general.name'].contents() if 'general.name' in r.fields else '-'}")
-    print(f"params       {n_params / 1e6:.1f} M in {len(r.tensors)} tensors")
+    print(f"arch         {cfg.arch}   name: {name}")
+    print(f"params       {n_params / 1e6:.1f} M in {len(tensors)} tensors")
     print(f"dims         d_model {cfg.d_model}  d_ff {cfg.d_ff}  layers {cfg.n_layers}  heads {cfg.n_heads}"
           f"  kv heads {cfg.n_kv}  head_dim {cfg.head_dim}  vocab {cfg.vocab}")
     print(f"context      {cfg.context_length}  rope base {cfg.rope_base:g}  scaling {cfg.rope_scaling.kind}"
@@ -131,7 +145,34 @@ def cmd_bench(args) -> int:
               f"{m.cache.n_threads} threads, kv {args.kv_type})")
         if args.llama_cpp:
             _bench_llama_cpp(m, args, ids)
+        if args.hooks:
+            _bench_hooks(m, ids, args.n)
     return 0
+
+
+def _bench_hooks(m, ids, n: int, rounds: int = 3) -> None:
+    """Decode speed with no hook, one built-in intervention, and a Python hook (interleaved, median)."""
+    import numpy as np
+
+    from .engine.interventions import AddVector
+
+    mid = f"blocks.{m.config.n_layers // 2}.hook_resid_post"
+    v = np.full(m.config.d_model, 0.01, np.float32)
+    configs = {"no hook": (), f"built-in AddVector on {mid}": ((mid, AddVector(v)),),
+               f"Python hook (identity) on {mid}": ((mid, lambda x, name: x),),
+               "Python hook on every layer's hook_resid_post": ((lambda s: s.endswith("hook_resid_post"),
+                                                                 lambda x, name: x),)}
+    speed = {k: [] for k in configs}
+    for _ in range(rounds):
+        for label, hooks in configs.items():
+            with m.hooks(*hooks):
+                m.reset()
+                _, td = _time_prompt_and_decode(lambda toks: m.eval(toks, all_logits=False)[-1], ids, n)
+            speed[label].append(n / td)
+    base = float(np.median(speed["no hook"]))
+    for label, v_ in speed.items():
+        med = float(np.median(v_))
+        print(f"hooks  {label:52s} decode {med:6.1f} tok/s ({med / base:.2f}x no hook; median of {rounds})")
 
 
 def _batch(m) -> int:
@@ -176,6 +217,50 @@ def _bench_llama_cpp(m, args, ids) -> None:
           f"kv {args.kv_type})")
 
 
+def cmd_perplexity(args) -> int:
+    m = _load(args)
+    with m:
+        r = m.perplexity(args.file, n_ctx=args.ctx, progress=True)
+    print(f"perplexity of {args.file}: {r.ppl:.4f} +/- {r.ppl_stderr:.5f} ({r.n_chunks} chunks of {r.n_ctx} tokens, "
+          f"{r.n_tokens_scored} scored: llama-perplexity's method)")
+    return 0
+
+
+def cmd_lens(args) -> int:
+    from .lens import logit_lens
+
+    m = _load(args)
+    with m:
+        lens = logit_lens(m, args.text, top_k=args.top_k)
+    print("logit lens: top next token after each layer (columns: input tokens)")
+    print("layer " + " ".join(f"{p!r:>14}" for p in lens.pieces))
+    for il in range(lens.n_layers):
+        print(f"{il:5d} " + " ".join(f"{lens.top_pieces[il][j][0]!r:>9} {lens.top_probs[il, j, 0]:.2f}"
+                                     for j in range(len(lens.tokens))))
+    if args.out:
+        from .plots import plot_logit_lens
+
+        print(f"saved {plot_logit_lens(lens, args.out)}")
+    return 0
+
+
+def cmd_attention(args) -> int:
+    from .lens import attention_patterns
+
+    m = _load(args)
+    with m:
+        pieces, pat = attention_patterns(m, args.text, args.layer)
+    print(f"layer {args.layer}: {pat.shape[0]} heads over {len(pieces)} tokens; for each head, the key each query "
+          f"attends to most:")
+    for h in range(pat.shape[0]):
+        print(f"  head {h}: " + " ".join(f"{pieces[int(pat[h, q].argmax())]!r}" for q in range(len(pieces))))
+    if args.out:
+        from .plots import plot_attention
+
+        print(f"saved {plot_attention(pieces, pat, args.out, layer=args.layer)}")
+    return 0
+
+
 def cmd_parity(args) -> int:
     from .parity import compare, format_report
 
@@ -210,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the GGUF's chat template")
     g.add_argument("--quiet-prompt", action="store_true", help="print only the continuation")
+    g.add_argument("--control-vector", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="add a llama.cpp control-vector GGUF to every layer's output, times STRENGTH (default 1; "
+                        "repeatable: they add up)")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -221,8 +309,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", type=int, default=32, help="decode tokens to time (default 32)")
     b.add_argument("--llama-cpp", action="store_true",
                    help="time llama-cpp-python too, same file, tokens, threads, KV type and batch")
+    b.add_argument("--hooks", action="store_true",
+                   help="decode speed with no hook, a built-in intervention and Python hooks")
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, by llama-perplexity's method",
+                        description="Tokenize FILE, split it into chunks of --ctx tokens, score the second half of "
+                                    "each chunk (llama.cpp's llama-perplexity method) and print the perplexity.")
+    pp.add_argument("file", help="UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (default 512, as llama-perplexity)")
+    _add_model_args(pp)
+    pp.set_defaults(func=cmd_perplexity)
+
+    lz = sub.add_parser("lens", help="logit lens: what each layer would predict, as a table (and a PNG)",
+                        description="Read every layer's output through the final norm and the output matrix "
+                                    "(in the graph, with the model's own kernels) and show the top token.")
+    lz.add_argument("text", help="input text")
+    lz.add_argument("--top-k", type=int, default=5, help="tokens kept per layer and position (default 5)")
+    lz.add_argument("--out", default=None, help="save a PNG there (needs matplotlib: pip install 'toy_llm[plot]')")
+    _add_model_args(lz)
+    lz.set_defaults(func=cmd_lens)
+
+    at = sub.add_parser("attention", help="attention patterns of one layer, as text (and PNG heatmaps)",
+                        description="The attention probabilities of every head of --layer over the input "
+                                    "(plain attention; not with --flash-attn or --kv-type q8_0).")
+    at.add_argument("text", help="input text")
+    at.add_argument("--layer", type=int, required=True, help="layer index")
+    at.add_argument("--out", default=None, help="save a PNG there (needs matplotlib: pip install 'toy_llm[plot]')")
+    _add_model_args(at)
+    at.set_defaults(func=cmd_attention)
 
     pa = sub.add_parser("parity", help="compare every layer's tensors with llama.cpp on the same tokens",
                         description="Run our engine (trace taps) and llama.cpp (eval callback) one token per "
@@ -232,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("model_path", metavar="MODEL.gguf", help="GGUF file")
     pa.add_argument("--prompt", required=True, help="prompt text (tokenized with the GGUF's BOS rule)")
     pa.add_argument("--layers", action="store_true", help="per-layer tensor table and first divergence")
-    pa.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f32",
+    pa.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16",
                     help="KV cache type on both sides; q8_0 also turns flash attention on (default f32)")
     pa.add_argument("--flash-attn", action="store_true", help="flash attention on both sides")
     pa.add_argument("--graph", choices=GRAPHS, default="fused", help="our attention block (default fused)")

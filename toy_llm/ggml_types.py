@@ -9,7 +9,7 @@ GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K =
 GGML_TYPE_I32, GGML_TYPE_BF16 = 26, 30
 
 # KV cache type name (load(kv_type=...), --kv-type) -> ggml type; llama.cpp's type_k / type_v take the same ids
-KV_TYPES = {"f32": GGML_TYPE_F32, "q8_0": GGML_TYPE_Q8_0}
+KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "q8_0": GGML_TYPE_Q8_0}
 
 
 def is_quantized(ggml_type: int) -> bool:

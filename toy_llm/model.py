@@ -336,7 +336,7 @@ def _stop_safe_len(text: str, stop: list[str]) -> int:
 
 
 def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: int | None = None,
-         backend: str = "cpu", kv_type: str = "f32", flash_attn: bool = False, loader: str = "mmap",
+         backend: str = "cpu", kv_type: str = "f16", flash_attn: bool = False, loader: str = "mmap",
          weight_type: int | None = None, progress: bool = False, graph: str = "fused",
          n_batch: int = LLAMA_N_BATCH) -> Model:
     """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).

@@ -314,7 +314,7 @@ def _head0(ref: np.ndarray, ours: np.ndarray) -> tuple[np.ndarray, np.ndarray] |
 
 
 def compare(model_path, prompt_or_tokens: str | Sequence[int], *, n_positions: int | None = None,
-            kv_type: str = "f32", flash_attn: bool = False, graph: str = "fused", mutate: Callable | None = None,
+            kv_type: str = "f16", flash_attn: bool = False, graph: str = "fused", mutate: Callable | None = None,
             tol: float = 1e-3, layers: bool = True, n_threads: int | None = 1,
             progress: Callable[[int, int], None] | None = None) -> ParityReport:
     """Run our engine and llama.cpp on the same tokens, one position at a time, and pair tensors.

@@ -3,8 +3,8 @@ and read them (llama.cpp's llama_kv_cache).
 
 Layout, decided once from the KV type and the attention kind:
 
-* K: one ``[d_head, max_T, n_kv]`` tensor per layer (F32 or Q8_0).
-* V: the same, or transposed ``[max_T, d_head, n_kv]`` for plain attention on an F32 cache
+* K: one ``[d_head, max_T, n_kv]`` tensor per layer (F32, F16 or Q8_0).
+* V: the same, or transposed ``[max_T, d_head, n_kv]`` for plain attention on a float cache
   (llama.cpp's ``v_trans``), so attention multiplies by V without copying it.
 * Each KV head has a persistent 2-D view of both (the seed's ``t_K[h]`` / ``t_V[h]``).
 * A quantized K or V is met by Q/K/V rotated by a Walsh-Hadamard matrix, and the attention output
@@ -44,13 +44,14 @@ class KVCache:
                  flash_attn: bool, pad: int = LLAMA_KV_PAD):
         self.sess, self.n_kv, self.d_head, self.max_T = sess, n_kv, d_head, max_T
         self.type_k, self.type_v, self.flash_attn, self.pad = type_k, type_v, flash_attn, pad
-        self.v_trans = not flash_attn and type_v == GGML_TYPE_F32
+        self.v_trans = not flash_attn and not is_quantized(type_v)
+        self.v_elem = tnn.tnn_row_size(type_v, 1) if self.v_trans else 0   # bytes per V element when transposed
         self.row_k = tnn.tnn_row_size(type_k, d_head)
         self.row_v = tnn.tnn_row_size(type_v, d_head)
         self.k_layers, self.v_layers, self.k_heads, self.v_heads = [], [], [], []
         for _ in range(n_layers):
             k, kh = self._layer(type_k, d_head, max_T, self.row_k)
-            v, vh = self._layer(GGML_TYPE_F32, max_T, d_head, max_T * 4) if self.v_trans else \
+            v, vh = self._layer(type_v, max_T, d_head, max_T * self.v_elem) if self.v_trans else \
                 self._layer(type_v, d_head, max_T, self.row_v)
             self.k_layers.append(k)
             self.k_heads.append(kh)
@@ -123,7 +124,8 @@ class KVCache:
         sess, Dh = self.sess, self.d_head
         k_slot = tnn.tnn_view_2d(sess, self.k_heads[il][hkv], Dh, 1, self.row_k, pos * self.row_k)
         if self.v_trans:    # column `pos` of the transposed [max_T, d_head] view
-            v_slot = tnn.tnn_view_2d(sess, self.v_heads[il][hkv], 1, Dh, self.max_T * 4, pos * 4)
+            e = self.v_elem
+            v_slot = tnn.tnn_view_2d(sess, self.v_heads[il][hkv], 1, Dh, self.max_T * e, pos * e)
         else:
             v_slot = tnn.tnn_view_2d(sess, self.v_heads[il][hkv], Dh, 1, self.row_v, pos * self.row_v)
         tnn.tnn_add_to_graph(sess, tnn.tnn_cpy(sess, t_k, k_slot))
@@ -163,8 +165,9 @@ class KVCache:
         k = tnn.tnn_view_3d(sess, self.k_layers[il], Dh, count, heads, self.row_k, T * self.row_k,
                             (first * T + start) * self.row_k)
         if self.v_trans:
-            v = tnn.tnn_view_3d(sess, self.v_layers[il], count, Dh, heads, T * 4, T * Dh * 4,
-                                (first * Dh * T + start) * 4)
+            e = self.v_elem
+            v = tnn.tnn_view_3d(sess, self.v_layers[il], count, Dh, heads, T * e, T * Dh * e,
+                                (first * Dh * T + start) * e)
         else:
             v = tnn.tnn_view_3d(sess, self.v_layers[il], Dh, count, heads, self.row_v, T * self.row_v,
                                 (first * T + start) * self.row_v)

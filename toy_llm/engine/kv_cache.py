@@ -52,7 +52,7 @@ class SmolLM2KVFFICache:
     def __init__(self, backend: str = "cpu", n_threads: int | None = None, options: EngineOptions | None = None):
         # the seed's legacy default: F32 weights on the copy path, the seed's per-head graph
         self.options = options or EngineOptions(backend=backend, n_threads=n_threads, graph="per_head",
-                                                weight_type=GGML_TYPE_F32)
+                                                kv_type="f32", weight_type=GGML_TYPE_F32)
         self._config: ModelConfig | None = None
         self._moe: tuple[int, int] | None = None
         self.lora_q_rank = 0

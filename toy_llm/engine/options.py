@@ -25,7 +25,7 @@ class EngineOptions:
 
     backend: str = "cpu"
     n_threads: int | None = None
-    kv_type: str = "f32"
+    kv_type: str = "f16"         # llama.cpp's default type_k = type_v
     flash_attn: bool = False
     graph: str = "fused"
     n_batch: int = LLAMA_N_BATCH
