@@ -78,6 +78,9 @@ def test_run_with_cache_names_and_shapes(models, graph, n_batch):
             m.run_with_cache(TOKENS, names=["blocks.0.hook_nothing"])
         with pytest.raises(ValueError, match="read-only"):
             m.run_with_hooks(TOKENS, [("blocks.0.attn.hook_pattern", lambda x, name: x)])
+        with pytest.raises(KeyError, match="unknown hook point 'blocks.0.hook_nope'"):
+            m.run_with_hooks(TOKENS, [("blocks.0.hook_nope", lambda x, name: x)])
+        np.testing.assert_array_equal(m.run_with_hooks(TOKENS, []), logits)   # a refused hook leaves nothing behind
 
 
 def test_every_table_row_is_traced_somewhere(models):

@@ -218,7 +218,11 @@ class Model:
             pairs.append((match, what if isinstance(what, Intervention) else PythonHook(what)))
         saved = self._user_hooks
         self._user_hooks = saved + tuple(pairs)
-        self._set_hooks()
+        try:
+            self._set_hooks()
+        except BaseException:
+            self._user_hooks = saved
+            raise
         try:
             yield self
         finally:

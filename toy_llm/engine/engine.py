@@ -14,7 +14,7 @@ from ..gguf_load import ModelConfig
 from .cache import KVCache
 from .context import BuildContext
 from .graph import forward
-from .hook_points import Trace
+from .hook_points import READ_ONLY, Trace, hook_point
 from .inputs import GraphInputs
 from .interventions import dispatcher
 from .options import BACKENDS, EngineOptions
@@ -109,8 +109,16 @@ class Engine:
         return self._inputs
 
     def set_hooks(self, hooks) -> None:
-        """(matcher, Intervention) pairs every graph from now on applies (the replayed graph is rebuilt)."""
-        self.trace.hooks = tuple(hooks)
+        """(matcher, Intervention) pairs every graph from now on applies (the replayed graph is rebuilt).
+        A matcher that names a hook point must name one that exists and can be changed."""
+        hooks = tuple(hooks)
+        for match, _ in hooks:
+            if isinstance(match, str):
+                hook_point(match)   # KeyError naming an unknown hook point
+                if match.endswith(READ_ONLY):
+                    raise ValueError(f"{match} is read-only (it is computed beside the graph for reading: hook "
+                                     f"the tensors it is computed from instead)")
+        self.trace.hooks = hooks
         self._replay = None
 
     def build(self, inp: GraphInputs, graph: str):
