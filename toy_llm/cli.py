@@ -150,7 +150,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _bench_hooks(m, ids, n: int, rounds: int = 3) -> None:
+def _bench_hooks(m, ids, n: int, rounds: int = 5) -> None:
     """Decode speed with no hook, one built-in intervention, and a Python hook (interleaved, median)."""
     import numpy as np
 
