@@ -362,14 +362,17 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
 
         path = default_model_path()
     path = Path(path)
-    cfg = load_config(path)
-    tok = Tokenizer.from_gguf(path)
-    cache = SmolLM2KVFFICache(options=opts)
-    cache.apply_config(cfg)
-    max_T = min(max_T, cfg.context_length) if cfg.context_length else max_T
-    if loader == "mmap":
-        cache.realize_for_mmap(tnn.tnn_gguf_load(str(path)), cfg, max_T, cfg.untied_output, cfg.qkv_bias)
-    else:
+    from .gguf_meta import GGUFMeta
+
+    with GGUFMeta(path) as meta:   # one parse of the header serves the config, the tokenizer and the weights
+        cfg = load_config(meta)
+        tok = Tokenizer.from_gguf(meta)
+        cache = SmolLM2KVFFICache(options=opts)
+        cache.apply_config(cfg)
+        max_T = min(max_T, cfg.context_length) if cfg.context_length else max_T
+        if loader == "mmap":   # the engine owns the handle from here on
+            cache.realize_for_mmap(meta.detach(), cfg, max_T, cfg.untied_output, cfg.qkv_bias)
+    if loader != "mmap":
         cache.realize_for(max_T, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv, cfg.n_layers, cfg.vocab,
                           cfg.rope_base, cfg.rms_eps, cfg.untied_output, cfg.qkv_bias, d_head=cfg.head_dim)
         try:
