@@ -6,6 +6,10 @@
 #   make CUDA=1     add ggml's CUDA backend (CUDA_ARCH=90 by default; CUDA_CMAKE_ARGS=... passes
 #                   more to ggml's cmake, by default what scripts/cuda-cmake-args.sh finds)
 #   make bench      call overhead; prompt and decode speed of the fused (default) and per-head graphs
+#   make fuzz       the GGUF loader fuzz campaign at full size: FUZZ_N mutated tiny models (default 20000)
+#                   + FUZZ_MODEL_N SmolLM2 header mutations, each loaded + evaluated in a forked child
+#   make asan       ggml + libtinynn under AddressSanitizer + UBSan (build/ggml-asan, build/asan/), then the
+#                   op, error, loader and fuzz-corpus tests against that library (README, "Sanitizers")
 #
 # ggml comes from the llama-cpp-python sdist (never committed); its sha256 is checked.
 
@@ -30,6 +34,9 @@ GGML_CMAKE  := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DCMAKE_POSITI
                -DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
                -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF
 TNN_CFLAGS  := -O2 -std=c11 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter -Ilibtinynn -I$(GGML_INC)
+# the CPU flavour's flags, before a backend adds to them: `make asan` always builds that flavour
+GGML_CMAKE_CPU := $(GGML_CMAKE)
+TNN_CFLAGS_CPU := $(TNN_CFLAGS)
 GGML_TAG    := cpu
 ifeq ($(CUDA),1)
   GGML_TAG   := cuda$(CUDA_ARCH)
@@ -67,7 +74,7 @@ MODEL_DIR   := models
 SMOLLM2     := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 GEMMA3      := $(MODEL_DIR)/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: all venv ggml lib ffi test demo bench clean distclean models oracle
+.PHONY: all venv ggml lib ffi test demo bench clean distclean models oracle asan fuzz
 
 all: $(VENV)/.installed $(FFI_STAMP)
 
@@ -158,6 +165,75 @@ demo: all $(SMOLLM2)
 bench: all $(VENV)/.oracle $(SMOLLM2)
 	$(VPY) -m toy_llm bench --llama-cpp
 	$(VPY) -m toy_llm bench --graph per_head | grep -v "call overhead"
+
+FUZZ_N       ?= 20000
+FUZZ_SEED    ?= 0
+FUZZ_MODEL_N ?= 300
+fuzz: all $(SMOLLM2)
+	$(VPY) -m toy_llm.testing.gguf_fuzz --n $(FUZZ_N) --seed $(FUZZ_SEED) --model $(SMOLLM2) --n-model $(FUZZ_MODEL_N)
+
+# ---- sanitizers ---------------------------------------------------------------
+# ggml and libtinynn built with ASan + UBSan into their own folders (the normal build is untouched), loaded
+# by the binding in ABI mode. Python itself is not instrumented, so the runtimes are LD_PRELOADed; the
+# child processes the tests spawn inherit all of this and run sanitized too. ASan writes each report to
+# $(ASAN_REPORTS).<pid> and the recipe fails if such a file exists, even where no test checks the exit
+# status of the process that had it. UBSan (a runtime of its own with GCC, which ignores log_path) prints to
+# stderr and aborts that process (SIGABRT), which fails the test that ran it. detect_leaks=0: CPython
+# "leaks" at exit (leaks are issue 11's RSS test). allocator_may_return_null=1: a too-large allocation
+# fails as it does in libc (NULL; the shim reports it) instead of being an ASan error; ASan still notes it
+# with a WARNING, which the recipe prints but does not count as a report.
+ASAN_GGML_DIR := $(BUILD)/ggml-asan
+ASAN_DIR    := $(BUILD)/asan
+ASAN_SO     := $(ASAN_DIR)/libtinynn.so
+ASAN_GGML_LIBS := $(ASAN_GGML_DIR)/ggml/src/libggml.a $(ASAN_GGML_DIR)/ggml/src/libggml-cpu.a \
+               $(ASAN_GGML_DIR)/ggml/src/libggml-base.a
+# -O1 -g1: fast enough for the tests, line numbers in reports; no recovery: the first finding stops the process
+SAN_FLAGS   := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+SAN_OPT     := -O1 -g1
+# ggml only: its GGUF reader stores a file's type id in an enum before range-checking it; that one check is
+# recoverable so libtinynn/ubsan.supp can name it (the file says why it is benign). It still halts elsewhere.
+SAN_GGML_FLAGS := $(SAN_FLAGS) -fsanitize-recover=enum
+SAN_SUPP    := $(abspath libtinynn/ubsan.supp)
+ASAN_REPORTS := $(abspath $(ASAN_DIR))/reports/san
+ASAN_RT     = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libubsan.so)
+ASAN_OPTS   := detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1:log_path=$(ASAN_REPORTS)
+UBSAN_OPTS  := halt_on_error=1:abort_on_error=1:print_stacktrace=1:suppressions=$(SAN_SUPP)
+ASAN_ENV    = TINYNN_FFI=abi TINYNN_LIB=$(abspath $(ASAN_SO)) LD_PRELOAD="$(ASAN_RT)" ASAN_OPTIONS=$(ASAN_OPTS) \
+              UBSAN_OPTIONS=$(UBSAN_OPTS)
+# the hypothesis tests run their full example counts (TNN_TEST_EXAMPLES scales them; README, "Sanitizers")
+ASAN_EXAMPLES ?= 1
+# the fuzz file whole: its corpus, the hypothesis mutations, and a mutation campaign of ASAN_FUZZ_N files
+ASAN_FUZZ_N ?= 500
+ASAN_TESTS  := tests/test_ops.py tests/test_errors.py tests/test_gguf_meta.py tests/test_gguf_fuzz.py
+# --capture=sys: pytest captures Python's output only, so a report the runtime writes to fd 2 in this
+# process is not lost when the process aborts
+ASAN_PYTEST = $(ASAN_ENV) TNN_TEST_EXAMPLES=$(ASAN_EXAMPLES) TNN_FUZZ_N=$(ASAN_FUZZ_N) \
+              $(VPY) -m pytest -q -p no:cacheprovider --capture=sys
+
+$(ASAN_GGML_DIR)/.built: $(SDIST_DIR)/.extracted Makefile
+	cmake -S $(LLAMA_DIR) -B $(ASAN_GGML_DIR) $(GGML_CMAKE_CPU) -DGGML_SANITIZE_ADDRESS=ON \
+	  -DGGML_SANITIZE_UNDEFINED=ON -DCMAKE_C_FLAGS_RELEASE="$(SAN_OPT) -DNDEBUG" \
+	  -DCMAKE_CXX_FLAGS_RELEASE="$(SAN_OPT) -DNDEBUG" -DCMAKE_C_FLAGS="$(SAN_GGML_FLAGS)" \
+	  -DCMAKE_CXX_FLAGS="$(SAN_GGML_FLAGS)" > $(BUILD)/cmake-asan.log
+	cmake --build $(ASAN_GGML_DIR) --target ggml -j $(JOBS)
+	touch $@
+
+$(ASAN_SO): $(TNN_SRCS) $(TNN_HDRS) $(ASAN_GGML_DIR)/.built
+	mkdir -p $(ASAN_DIR)
+	$(CC) $(filter-out -O2,$(TNN_CFLAGS_CPU)) $(SAN_OPT) $(SAN_FLAGS) -shared $(TNN_SRCS) -o $@ \
+	  -Wl,--start-group $(ASAN_GGML_LIBS) -Wl,--end-group -lstdc++ -lm -lpthread $(LINK_DEFS)
+
+asan: $(ASAN_SO) $(VENV)/.installed $(VENV)/.oracle
+	rm -rf $(dir $(ASAN_REPORTS)) && mkdir -p $(dir $(ASAN_REPORTS))
+	$(ASAN_ENV) $(VPY) -c "from toy_llm import tinynn as t; assert t.MODE == 'abi' and \
+	  t.LIB_PATH.samefile('$(ASAN_SO)'), (t.MODE, t.LIB_PATH); print('make asan: binding loads', t.LIB_PATH)"
+	@start=$$(date +%s); $(ASAN_PYTEST) $(ASAN_TESTS); rc=$$?; \
+	  echo "make asan: sanitized tests took $$(( $$(date +%s) - start )) s"; \
+	  if ls $(ASAN_REPORTS).* >/dev/null 2>&1; then cat $(ASAN_REPORTS).*; fi; \
+	  if grep -qs "ERROR: " $(ASAN_REPORTS).*; then \
+	    echo "make asan: FAILED, sanitizer report(s) above (kept in $(dir $(ASAN_REPORTS)))"; exit 1; fi; \
+	  [ $$rc = 0 ] || echo "make asan: FAILED (pytest exit $$rc; UBSan reports are in the failing tests' output)"; \
+	  exit $$rc
 
 clean:
 	rm -rf $(TNN_SO) toy_llm/tinynn/_tinynn_api*.so $(FFI_STAMP) $(BUILD)/cffi

@@ -9,7 +9,7 @@
 #include <string.h>
 
 static _Thread_local char g_last_error[1024];
-static _Thread_local char g_last_log[512];
+static _Thread_local char g_last_log[1024];
 
 void tnn_set_error(const char * fmt, ...) {
     va_list ap;
@@ -25,15 +25,20 @@ void tnn_clear_error(void) {
     g_last_log[0] = '\0';
 }
 
-/* The most recent warning/error line ggml logged on this thread. */
+/* The warning/error lines ggml logged on this thread since the last tnn_clear_error, joined
+ * with "; " (the first is the specific one: a failed GGUF parse logs what was wrong, then that
+ * reading the section failed). */
 const char * tnn_last_ggml_log(void);
 const char * tnn_last_ggml_log(void) { return g_last_log; }
 
 static void tnn_log_hook(enum ggml_log_level level, const char * text, void * user) {
     (void) user;
     if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
-        snprintf(g_last_log, sizeof(g_last_log), "%s", text);
         size_t n = strlen(g_last_log);
+        if (n + 3 < sizeof(g_last_log)) {
+            snprintf(g_last_log + n, sizeof(g_last_log) - n, "%s%s", n ? "; " : "", text);
+        }
+        n = strlen(g_last_log);
         while (n > 0 && (g_last_log[n - 1] == '\n' || g_last_log[n - 1] == '\r')) g_last_log[--n] = '\0';
         if (getenv("TNN_VERBOSE")) fputs(text, stderr);
     } else if (level == GGML_LOG_LEVEL_CONT) {

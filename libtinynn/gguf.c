@@ -8,7 +8,11 @@
  * arrays are refused, and each key / tensor record consumes file bytes, so a
  * claimed count larger than the file fails at the first short read. No
  * pre-check is needed here. The getters below only read what it built; ggml's
- * gguf_get_* GGML_ASSERT on a wrong type or index, so each one checks first. */
+ * gguf_get_* GGML_ASSERT on a wrong type or index, so each one checks first.
+ *
+ * Handles are checked against a registry of live ones (a freed handle is never read
+ * through), and a mapping a live session's weights point into is not unmapped: its
+ * tnn_gguf_free is refused until the session is freed. */
 #include "tinynn_internal.h"
 
 #include "gguf.h"
@@ -16,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -24,15 +29,48 @@
 
 const char * tnn_last_ggml_log(void);
 
-#define TNN_GGUF_MAGIC 0x47475546u /* "GGUF" */
-
 struct tnn_gguf {
-    uint32_t magic;
     struct gguf_context * ctx;
     void * map;
     int64_t map_size;
     int64_t data_offset;
+    struct tnn_gguf * next_live;
 };
+
+/* Registry of live handles (as validate.c's of sessions): a freed or made-up handle is refused
+ * by looking it up here, never by reading through it. */
+static tnn_gguf * g_live_ggufs = NULL;
+static pthread_mutex_t g_live_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void live_add(tnn_gguf * g) {
+    pthread_mutex_lock(&g_live_lock);
+    g->next_live = g_live_ggufs;
+    g_live_ggufs = g;
+    pthread_mutex_unlock(&g_live_lock);
+}
+
+static bool is_live(const tnn_gguf * g) {
+    pthread_mutex_lock(&g_live_lock);
+    const tnn_gguf * p = g_live_ggufs;
+    while (p != NULL && p != g) p = p->next_live;
+    pthread_mutex_unlock(&g_live_lock);
+    return p != NULL;
+}
+
+/* unlink g; false when it was not live */
+static bool live_remove(tnn_gguf * g) {
+    bool found = false;
+    pthread_mutex_lock(&g_live_lock);
+    for (tnn_gguf ** pp = &g_live_ggufs; *pp; pp = &(*pp)->next_live) {
+        if (*pp == g) {
+            *pp = g->next_live;
+            found = true;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_live_lock);
+    return found;
+}
 
 tnn_gguf * tnn_gguf_load(const char * path) {
     const char * fn = "tnn_gguf_load";
@@ -107,11 +145,11 @@ tnn_gguf * tnn_gguf_load(const char * path) {
         tnn_set_error("%s: out of memory", fn);
         return NULL;
     }
-    g->magic = TNN_GGUF_MAGIC;
     g->ctx = ctx;
     g->map = map;
     g->map_size = (int64_t) st.st_size;
     g->data_offset = data_offset;
+    live_add(g);
     return g;
 }
 
@@ -120,11 +158,22 @@ int tnn_gguf_free(tnn_gguf * g) {
         tnn_set_error("tnn_gguf_free: handle is NULL");
         return -1;
     }
-    if (g->magic != TNN_GGUF_MAGIC) {
-        tnn_set_error("tnn_gguf_free: not a live gguf handle (freed twice?)");
+    if (!is_live(g)) {
+        tnn_set_error("tnn_gguf_free: %p is not a live gguf handle (freed twice, or never loaded)", (void *) g);
         return -1;
     }
-    g->magic = 0;
+    /* A session whose weights point into the mapping would read unmapped pages at its next
+     * compute: refuse, and keep the handle live (free the session first, as Engine.close does). */
+    const tnn_session * user = tnn_session_mapping_in(g->map, g->map_size);
+    if (user != NULL) {
+        tnn_set_error("tnn_gguf_free: live session %p still has weights in this file's mapping; free the session "
+                      "(tnn_session_free) before the gguf handle", (const void *) user);
+        return -1;
+    }
+    if (!live_remove(g)) {   /* freed by another thread meanwhile */
+        tnn_set_error("tnn_gguf_free: %p is not a live gguf handle (freed twice, or never loaded)", (void *) g);
+        return -1;
+    }
     munmap(g->map, (size_t) g->map_size);
     gguf_free(g->ctx);
     free(g);
@@ -136,8 +185,8 @@ static bool check_g(const tnn_gguf * g, const char * fn) {
         tnn_set_error("%s: gguf handle is NULL", fn);
         return false;
     }
-    if (g->magic != TNN_GGUF_MAGIC) {
-        tnn_set_error("%s: not a live gguf handle (already freed?)", fn);
+    if (!is_live(g)) {
+        tnn_set_error("%s: %p is not a live gguf handle (already freed, or never loaded)", fn, (const void *) g);
         return false;
     }
     return true;

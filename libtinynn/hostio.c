@@ -15,7 +15,13 @@ int64_t tnn_row_size(int type, int64_t n) {
                       ggml_type_name((enum ggml_type) type), bs);
         return -1;
     }
-    return (int64_t) ggml_row_size((enum ggml_type) type, n);
+    int64_t bytes = 0;
+    if (!tnn_add_mul_ok(&bytes, (int64_t) ggml_type_size((enum ggml_type) type), n / bs)) {
+        tnn_set_error("tnn_row_size: %" PRId64 " elements of %s overflow a 64-bit byte count", n,
+                      ggml_type_name((enum ggml_type) type));
+        return -1;
+    }
+    return bytes;
 }
 
 int tnn_type_block_size(int type) {
@@ -48,8 +54,13 @@ int64_t tnn_quantize(int type, const float * src, void * dst, int64_t nrows, int
     }
     int64_t rs = tnn_row_size(type, n_per_row);
     if (rs < 0) return -1;
-    if (rs * nrows > dst_size) {
-        tnn_set_error("%s: dst holds %" PRId64 " bytes, need %" PRId64, fn, dst_size, rs * nrows);
+    int64_t need = 0;
+    if (!tnn_add_mul_ok(&need, rs, nrows)) {
+        tnn_set_error("%s: %" PRId64 " rows of %" PRId64 " bytes overflow a 64-bit byte count", fn, nrows, rs);
+        return -1;
+    }
+    if (need > dst_size) {
+        tnn_set_error("%s: dst holds %" PRId64 " bytes, need %" PRId64, fn, dst_size, need);
         return -1;
     }
     enum ggml_type t = (enum ggml_type) type;

@@ -131,6 +131,7 @@ tnn_session * tnn_session_new(int kind) {
 int tnn_session_free(tnn_session * sess) {
     if (!tnn_check_session(sess, "tnn_session_free")) return -1;
     tnn_live_session_remove(sess);
+    tnn_train_free(sess);
     if (sess->ctx_c) ggml_free(sess->ctx_c);
     ggml_gallocr_free(sess->galloc);
     if (sess->buf_w) ggml_backend_buffer_free(sess->buf_w);
@@ -142,6 +143,7 @@ int tnn_session_free(tnn_session * sess) {
     ggml_free(sess->ctx_mmap);
     free(sess->mmap_bindings);
     ggml_backend_free(sess->backend);
+    if (sess->threadpool != NULL) ggml_threadpool_free(sess->threadpool);   /* after its last user */
     sess->magic = 0;
     free(sess);
     return 0;
@@ -166,6 +168,29 @@ int tnn_session_set_n_threads(tnn_session * sess, int n_threads) {
     sess->n_threads = n_threads;
     if (sess->kind == 0) {
         ggml_backend_cpu_set_n_threads(sess->backend, n_threads);
+        if (sess->threadpool != NULL && tnn_session_set_threadpool(sess, 1) < 0) return -1;   /* resize it */
+    }
+    return 0;
+}
+
+int tnn_session_set_threadpool(tnn_session * sess, int enable) {
+    const char * fn = "tnn_session_set_threadpool";
+    if (!tnn_check_session(sess, fn)) return -1;
+    if (sess->kind != 0) return 0;   /* only the CPU backend runs worker threads of its own */
+    /* without a pool ggml starts and joins n_threads - 1 threads in every compute */
+    ggml_backend_cpu_set_threadpool(sess->backend, NULL);
+    if (sess->threadpool != NULL) {
+        ggml_threadpool_free(sess->threadpool);
+        sess->threadpool = NULL;
+    }
+    if (enable && sess->n_threads > 1) {
+        struct ggml_threadpool_params p = ggml_threadpool_params_default(sess->n_threads);
+        sess->threadpool = ggml_threadpool_new(&p);
+        if (sess->threadpool == NULL) {
+            tnn_set_error("%s: could not start %d threads", fn, sess->n_threads);
+            return -1;
+        }
+        ggml_backend_cpu_set_threadpool(sess->backend, sess->threadpool);
     }
     return 0;
 }
@@ -577,11 +602,6 @@ tnn_tensor * tnn_view_2d_persistent(tnn_session * sess, tnn_tensor * parent, int
         tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
         return NULL;
     }
-    if (offset % (int64_t) ggml_type_size(parent->type) != 0 || nb1 % (int64_t) ggml_type_size(parent->type) != 0) {
-        tnn_set_error("%s: offset %" PRId64 " and nb1 %" PRId64 " must be multiples of the %s block size (%zu bytes)",
-                      fn, offset, nb1, ggml_type_name(parent->type), ggml_type_size(parent->type));
-        return NULL;
-    }
     if (!tnn_view_fits(fn, parent, ne0, ne1, 1, nb1, 0, offset)) return NULL;
     if (ctx == sess->ctx_repack && !check_repacked_view(sess, fn, parent, ne0, ne1, nb1, offset)) return NULL;
     return ggml_view_2d(ctx, parent, ne0, ne1, (size_t) nb1, (size_t) offset);
@@ -609,14 +629,18 @@ int tnn_reset_for_rebuild(tnn_session * sess) {
         sess->ctx_c = NULL;
         sess->gf = NULL;
     }
-    sess->ctx_c = new_meta_ctx(TNN_MAX_GRAPH_NODES, ggml_graph_overhead_custom(TNN_GRAPH_SIZE, false));
+    const bool grads = sess->next_graph_grads;   /* set by tnn_reset_for_training (train.c) */
+    sess->next_graph_grads = false;
+    sess->graph_grads = grads;
+    sess->backward_built = false;
+    sess->ctx_c = new_meta_ctx(TNN_MAX_GRAPH_NODES, ggml_graph_overhead_custom(TNN_GRAPH_SIZE, grads));
     if (!sess->ctx_c) {
         tnn_set_error("tnn_reset_for_rebuild: out of memory for the compute context");
         return -1;
     }
     /* graph size bounds nodes and leafs: every node is a compute tensor and
      * every leaf a compute or persistent tensor, so it can never overflow */
-    sess->gf = ggml_new_graph_custom(sess->ctx_c, TNN_GRAPH_SIZE, false);
+    sess->gf = ggml_new_graph_custom(sess->ctx_c, TNN_GRAPH_SIZE, grads);
     sess->graph_allocated = false;
     return 0;
 }

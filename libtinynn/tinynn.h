@@ -55,6 +55,9 @@ tnn_session * tnn_session_new(int kind);          /* 0=CPU 1=CUDA 2=Metal; falls
 int           tnn_session_free(tnn_session * sess);
 const char *  tnn_backend_name(tnn_session * sess);
 int           tnn_session_set_n_threads(tnn_session * sess, int n_threads);
+/* CPU: 1 keeps the session's n_threads workers alive between computes (ggml's threadpool, resized by
+ * set_n_threads); 0 (the default) lets ggml start and join them in every compute, as llama.cpp does */
+int           tnn_session_set_threadpool(tnn_session * sess, int enable);
 int           tnn_session_backend_kind(tnn_session * sess);  /* the kind actually running */
 int           tnn_have_backend(int kind);                    /* 1 if compiled in */
 
@@ -216,6 +219,31 @@ const char * tnn_gguf_arr_str(tnn_gguf * g, int64_t i, int64_t j);     /* elemen
 int64_t      tnn_gguf_arr_str_nbytes(tnn_gguf * g, int64_t i);
 int          tnn_gguf_arr_str_copy(tnn_gguf * g, int64_t i, char * buf, int64_t buf_size, int64_t * offsets,
                                    int64_t n_offsets);
+/* ---- training: ggml's autodiff and AdamW (train.c) ----
+ * tnn_reset_for_training starts a graph that keeps gradients (else as tnn_reset_for_rebuild);
+ * build the forward pass and a scalar loss, then tnn_build_backward(loss): it refuses, naming
+ * the op, a graph whose way from a parameter (tnn_set_param) to the loss crosses an op ggml has
+ * no backward for (FLASH_ATTN_EXT, CONCAT, GELU, TANH, MUL_MAT_ID, ...). tnn_graph_grad(t) is t's
+ * gradient. Gradients accumulate in place in a buffer of their own: tnn_graph_reset_grads before
+ * each compute sets them to 0 and the loss's seed to 1 (ggml_graph_reset, but leaving the AdamW
+ * moments alone). tnn_opt_step_adamw updates the persistent F32 parameter a (and its persistent
+ * moments m, v) in place when the graph runs; params is an F32 [7] input {lr, beta1, beta2, eps,
+ * wd, 1/(1-beta1^t), 1/(1-beta2^t)}; add the step to the graph (tnn_add_to_graph). */
+int          tnn_reset_for_training(tnn_session * sess);
+int          tnn_graph_keeps_grads(tnn_session * sess);                          /* 1 / 0 */
+tnn_tensor * tnn_sqr(tnn_session * sess, tnn_tensor * a);
+tnn_tensor * tnn_sqrt(tnn_session * sess, tnn_tensor * a);
+tnn_tensor * tnn_sum(tnn_session * sess, tnn_tensor * a);                        /* all elements -> [1] */
+/* a + b placed at the view of a (strides nb1, nb2, nb3 bytes, byte offset): ggml_acc */
+tnn_tensor * tnn_acc(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, int64_t nb1, int64_t nb2, int64_t nb3,
+                     int64_t offset);
+/* mean over rows of -sum(labels * log_softmax(logits)); both [n_classes, n_rows] F32 */
+tnn_tensor * tnn_cross_entropy_loss(tnn_session * sess, tnn_tensor * logits, tnn_tensor * labels);
+int          tnn_build_backward(tnn_session * sess, tnn_tensor * loss);
+int          tnn_graph_reset_grads(tnn_session * sess);
+tnn_tensor * tnn_graph_grad(tnn_session * sess, tnn_tensor * t);
+tnn_tensor * tnn_opt_step_adamw(tnn_session * sess, tnn_tensor * a, tnn_tensor * grad, tnn_tensor * m,
+                                tnn_tensor * v, tnn_tensor * params);
 /* TNN_CDEF_END */
 
 #ifdef __cplusplus

@@ -27,6 +27,7 @@ struct tnn_session {
     int kind;                       /* backend actually running: 0 CPU, 1 CUDA, 2 Metal */
     int n_threads;
     ggml_backend_t backend;
+    struct ggml_threadpool * threadpool;   /* CPU: persistent workers, or NULL (ggml starts them per compute) */
 
     struct ggml_context * ctx_w;    /* persistent tensors: weights, KV cache, adapters */
     ggml_backend_buffer_t buf_w;
@@ -56,8 +57,22 @@ struct tnn_session {
      * graph of the same nodes and sizes without looking at output flags, so a change re-plans */
     uint64_t outputs_signature;
 
+    /* training (train.c): tnn_reset_for_training asks the next rebuild for a graph that keeps
+     * gradients; tnn_build_backward has added the backward pass to the current one */
+    bool next_graph_grads;
+    bool graph_grads;
+    bool backward_built;
+    /* the backward pass's gradient accumulators (one per parameter, and the loss's seed), in a
+     * buffer of their own so that they neither fragment nor outlive the graph's arena */
+    struct ggml_context * ctx_grads;
+    ggml_backend_buffer_t buf_grads;
+    struct ggml_tensor * loss_seed;
+
     struct tnn_session * next_live; /* registry of live sessions, to reject stale handles */
 };
+
+/* training (train.c): frees the gradient accumulators */
+void tnn_train_free(tnn_session * sess);
 
 /* errors (error.c) */
 void tnn_set_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -66,6 +81,7 @@ void tnn_install_log_hook(void);
 /* validation helpers (validate.c) */
 void tnn_live_session_add(tnn_session * sess);     /* the registry tnn_check_session consults */
 void tnn_live_session_remove(tnn_session * sess);
+const tnn_session * tnn_session_mapping_in(const void * base, int64_t size);  /* a live session mapping it */
 bool tnn_check_session(const tnn_session * sess, const char * fn);
 bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg);
 /* like tnn_check_tensor, but also accepts a repacked weight (only matmul / mul_mat_id take those) */

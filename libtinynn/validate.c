@@ -24,6 +24,17 @@ void tnn_live_session_remove(tnn_session * sess) {
     }
 }
 
+/* the live session whose weight mapping lies in [base, base + size), or NULL (gguf.c: a mapping
+ * a session still points into is not unmapped) */
+const tnn_session * tnn_session_mapping_in(const void * base, int64_t size) {
+    for (const tnn_session * s = g_live_sessions; s != NULL; s = s->next_live) {
+        if (s->mmap_base != NULL && s->mmap_base >= (const char *) base && s->mmap_base < (const char *) base + size) {
+            return s;
+        }
+    }
+    return NULL;
+}
+
 bool tnn_check_session(const tnn_session * sess, const char * fn) {
     if (sess == NULL) {
         tnn_set_error("%s: session handle is NULL", fn);
@@ -64,6 +75,19 @@ bool tnn_check_tensor(const tnn_session * sess, const struct ggml_tensor * t, co
 bool tnn_check_weight(const tnn_session * sess, const struct ggml_tensor * t, const char * fn, const char * arg) {
     if (t == NULL) {
         tnn_set_error("%s: tensor argument '%s' is NULL", fn, arg);
+        return false;
+    }
+    if (sess == NULL) {
+        /* a session-less call (tnn_tensor_ne, tnn_set_name, ...): t must lie in some live session's
+         * pools, else its session was freed and t points into freed memory */
+        for (const tnn_session * s = g_live_sessions; s != NULL; s = s->next_live) {
+            if (tnn_ptr_in_ctx(s->ctx_w, t, true) || tnn_ptr_in_ctx(s->ctx_mmap, t, true) ||
+                tnn_ptr_in_ctx(s->ctx_c, t, true) || tnn_ptr_in_ctx(s->ctx_repack, t, true)) {
+                return true;
+            }
+        }
+        tnn_set_error("%s: tensor argument '%s' (%p) belongs to no live session (its session was freed, or it "
+                      "is a stale compute tensor from before tnn_reset_for_rebuild)", fn, arg, (const void *) t);
         return false;
     }
     if (sess != NULL) {
@@ -136,6 +160,14 @@ bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, i
     if (ne0 % ggml_blck_size(a->type) != 0) {
         tnn_shape_str(a, sa, sizeof sa);
         tnn_set_error("%s: a view of a quantized tensor must span whole blocks (got %s)", fn, sa);
+        return false;
+    }
+    int64_t unit = (int64_t) ggml_type_size(a->type);   /* bytes of one element, or of one block */
+    if (offset % unit != 0 || (ne1 > 1 && nb1 % unit != 0) || (ne2 > 1 && nb2 % unit != 0)) {
+        tnn_shape_str(a, sa, sizeof sa);
+        tnn_set_error("%s: view offset %" PRId64 " / strides nb1 %" PRId64 ", nb2 %" PRId64 " of %s are not multiples "
+                      "of its %" PRId64 "-byte %s (a misaligned view)", fn, offset, nb1, nb2, sa, unit,
+                      ggml_blck_size(a->type) > 1 ? "block" : "element");
         return false;
     }
     int64_t row = 0, last = offset, dense = offset;
