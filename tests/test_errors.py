@@ -632,8 +632,14 @@ def test_fuzz_never_crashes(prog):
                                f"--- stderr\n{r.stderr[-3000:]}")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a stale compute handle whose address the rebuilt context reuses "
-                   "for a new tensor is indistinguishable from it (no generation stamp); silently aliases, no crash")
+# Under `make asan` the freed compute context sits in ASan's quarantine, the rebuilt one lands elsewhere and the
+# stale handle is refused: the gap needs glibc to hand the same address back, so there it may pass.
+_UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+@pytest.mark.xfail(strict=not _UNDER_ASAN, reason="known gap: a stale compute handle whose address the rebuilt "
+                   "context reuses for a new tensor is indistinguishable from it (no generation stamp); silently "
+                   "aliases, no crash")
 def test_stale_tensor_aliasing_a_new_one():
     check_child('''
         tnn_finalize_weights(s); tnn_reset_for_rebuild(s)

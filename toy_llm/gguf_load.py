@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -202,7 +203,8 @@ def _config(m) -> ModelConfig:
     if arch is None:
         raise GGUFLoadError(f"{path}: missing key 'general.architecture'")
     if arch not in SUPPORTED_ARCHS:
-        raise GGUFLoadError(f"{path}: unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise GGUFLoadError(f"{path}: key 'general.architecture' is {arch!r}: unsupported architecture "
+                            f"(supported: {', '.join(SUPPORTED_ARCHS)})")
 
     def req(key):
         return m.get_int(f"{arch}.{key}")
@@ -213,27 +215,74 @@ def _config(m) -> ModelConfig:
     def opt_float(key, default):
         return m.get_float(f"{arch}.{key}", default)
 
+    def bad(key, value, expected):
+        return GGUFLoadError(f"{path}: key '{arch}.{key}' is {value!r}, expected {expected}")
+
+    def in_range(key, value, lo, hi=None):
+        if value < lo or (hi is not None and value > hi):
+            raise bad(key, value, f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
+        return value
+
+    def finite(key, value, lo=None, positive=False):
+        if not math.isfinite(value) or (positive and value <= 0) or (lo is not None and value < lo):
+            raise bad(key, value, "a finite float" + (" > 0" if positive else f" >= {lo}" if lo is not None else ""))
+        return value
+
     tensors = m.tensors
-    d_model = req("embedding_length")
-    n_heads = req("attention.head_count")
-    if n_heads <= 0:
-        raise GGUFLoadError(f"{path}: key '{arch}.attention.head_count' is {n_heads}, expected > 0")
-    n_kv = opt_int("attention.head_count_kv", n_heads)
-    head_dim = opt_int("attention.key_length", d_model // n_heads)
-    n_layers = req("block_count")
     if "token_embd.weight" not in tensors:
         raise GGUFLoadError(f"{path}: missing tensor 'token_embd.weight'")
     embd_shape = tensors["token_embd.weight"].shape
-    if len(embd_shape) != 2:
-        raise GGUFLoadError(f"{path}: tensor 'token_embd.weight' has shape {list(embd_shape)}, expected 2-D")
+    d_model = in_range("embedding_length", req("embedding_length"), 1)
+    if len(embd_shape) != 2 or embd_shape[0] != d_model or embd_shape[1] < 1:
+        raise GGUFLoadError(f"{path}: tensor 'token_embd.weight' has shape {list(embd_shape)}, expected "
+                            f"[{d_model}, n_vocab] ('{arch}.embedding_length' = {d_model})")
     vocab = int(embd_shape[1])
+    n_heads = in_range("attention.head_count", req("attention.head_count"), 1, d_model)
+    n_kv = in_range("attention.head_count_kv", opt_int("attention.head_count_kv", n_heads), 1, n_heads)
+    if n_heads % n_kv:
+        raise GGUFLoadError(f"{path}: key '{arch}.attention.head_count' ({n_heads}) is not a multiple of "
+                            f"'{arch}.attention.head_count_kv' ({n_kv})")
+    if f"{arch}.attention.key_length" not in m and d_model % n_heads:
+        raise GGUFLoadError(f"{path}: key '{arch}.embedding_length' ({d_model}) is not a multiple of "
+                            f"'{arch}.attention.head_count' ({n_heads}), and there is no "
+                            f"'{arch}.attention.key_length' to give the head size")
+    head_dim = in_range("attention.key_length", opt_int("attention.key_length", d_model // n_heads), 1)
+    n_layers = _check_layers(path, arch, in_range("block_count", req("block_count"), 1), tensors)
     d_ff = opt_int("feed_forward_length", 0) or opt_int("expert_feed_forward_length", 0)
-    n_experts = opt_int("expert_count", 0)
+    n_experts = in_range("expert_count", opt_int("expert_count", 0), 0, 1 << 16)
     if n_experts:
         d_ff = opt_int("expert_feed_forward_length", d_ff)
+        in_range("expert_used_count", opt_int("expert_used_count", 0), 1, n_experts)
+    key_ff = "expert_feed_forward_length" if n_experts and f"{arch}.expert_feed_forward_length" in m \
+        else "feed_forward_length"
+    in_range(key_ff, d_ff, 1)
+    _check_layer0_shapes(path, tensors, {
+        "attn_q": ((d_model, n_heads * head_dim), ("embedding_length", "attention.head_count x head size")),
+        "attn_k": ((d_model, n_kv * head_dim), ("embedding_length", "attention.head_count_kv x head size")),
+        "attn_v": ((d_model, n_kv * head_dim), ("embedding_length", "attention.head_count_kv x head size")),
+        "attn_output": ((n_heads * head_dim, d_model), ("attention.head_count x head size", "embedding_length")),
+        **({"ffn_gate_inp": ((d_model, n_experts), ("embedding_length", "expert_count")),
+            "ffn_gate_exps": ((d_model, d_ff, n_experts), ("embedding_length", key_ff, "expert_count")),
+            "ffn_up_exps": ((d_model, d_ff, n_experts), ("embedding_length", key_ff, "expert_count")),
+            "ffn_down_exps": ((d_ff, d_model, n_experts), (key_ff, "embedding_length", "expert_count"))}
+           if n_experts else
+           {"ffn_gate": ((d_model, d_ff), ("embedding_length", key_ff)),
+            "ffn_up": ((d_model, d_ff), ("embedding_length", key_ff)),
+            "ffn_down": ((d_ff, d_model), (key_ff, "embedding_length"))})}, arch,
+        dict(embedding_length=d_model, expert_count=n_experts, **{key_ff: d_ff}), head_dim)
+    in_range("context_length", opt_int("context_length", 2048), 0, 2**31 - 1)
+    finite("attention.layer_norm_rms_epsilon", opt_float("attention.layer_norm_rms_epsilon", 1e-5), lo=0.0)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "expert_weights_scale"):
+        finite(key, opt_float(key, 0.0), lo=0.0)
+    for key in ("embedding_scale", "residual_scale", "logit_scale"):
+        finite(key, opt_float(key, 1.0), positive=True)
+    in_range("attention.sliding_window", opt_int("attention.sliding_window", 0), 0)
 
-    rope_base = opt_float("rope.freq_base", 10000.0)
+    rope_base = finite("rope.freq_base", opt_float("rope.freq_base", 10000.0), positive=True)
     rope_dim = opt_int("rope.dimension_count", head_dim)
+    if not 0 < rope_dim <= head_dim or rope_dim % 2:
+        raise bad("rope.dimension_count", rope_dim, f"even and in [2, {head_dim}] (the head size)")
+    _check_tokenizer_keys(m, path, vocab)
     scaling = _rope_scaling(m, arch, head_dim, rope_base, "rope_freqs.weight" in tensors)
 
     qk_norm_kind = 0
@@ -281,6 +330,82 @@ def _config(m) -> ModelConfig:
     )
 
 
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_layers(path: str, arch: str, n_layers: int, tensors) -> int:
+    """block_count against the layers the tensor table has (before anything is made per layer)."""
+    present = {int(mt.group(1)) for name in tensors if (mt := _LAYER_NAME.match(name))}
+    top = max(present, default=-1)
+    if n_layers > top + 1:
+        raise GGUFLoadError(f"{path}: key '{arch}.block_count' is {n_layers}, but the file has tensors for "
+                            f"{'layers 0..' + str(top) if present else 'no layer'} only "
+                            f"(missing tensor 'blk.{top + 1}.attn_norm.weight')")
+    if top >= n_layers:
+        extra = next(name for name in tensors if name.startswith(f"blk.{top}."))
+        raise GGUFLoadError(f"{path}: tensor '{extra}' is for layer {top}, beyond '{arch}.block_count' = {n_layers}")
+    missing = sorted(set(range(n_layers)) - present)
+    if missing:
+        raise GGUFLoadError(f"{path}: no tensors for layer {missing[0]} (missing tensor "
+                            f"'blk.{missing[0]}.attn_norm.weight'; '{arch}.block_count' = {n_layers})")
+    return n_layers
+
+
+def _check_layer0_shapes(path: str, tensors, want: dict, arch: str, values: dict, head_dim: int) -> None:
+    """Layer 0's matrices against the dimensions the keys give, before any buffer is sized from them
+    (a block_count or feed_forward_length the tensors do not have is named here, with its key);
+    every tensor's shape is checked again where it is declared (engine/weights.py). ``want``:
+    name -> (ne, the key each dim comes from)."""
+    for name, (ne, keys) in want.items():
+        t = tensors.get(f"blk.0.{name}.weight")
+        if t is None:
+            continue   # per-head files (attn_q.head_0...), or missing: named where declared
+        ne = tuple(ne)
+        while len(ne) > 1 and ne[-1] == 1:
+            ne = ne[:-1]
+        if t.shape != ne:
+            why = ", ".join(f"'{arch}.{k}' = {values[k]}" if k in values else f"'{arch}.{k.split(' x ')[0]}' x "
+                            f"head size {head_dim}" for k in keys)
+            raise GGUFLoadError(f"{path}: tensor 'blk.0.{name}.weight' has shape {list(t.shape)}, expected "
+                                f"{list(ne)} (from {why})")
+
+
+# special token id keys (llama.cpp's LLM_KV_TOKENIZER_*_ID)
+SPECIAL_TOKEN_ID_KEYS = tuple(f"tokenizer.ggml.{n}_token_id" for n in (
+    "bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask", "cls", "prefix", "suffix", "middle",
+    "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep"))
+
+
+def _check_tokenizer_keys(m, path: str, vocab: int) -> None:
+    """The vocabulary's arrays agree with the embedding, and every special token id lies inside it."""
+    n_tokens = vocab
+    if "tokenizer.ggml.tokens" in m:
+        tokens_n = _array_len(m, "tokenizer.ggml.tokens")
+        if tokens_n != vocab:
+            raise GGUFLoadError(f"{path}: key 'tokenizer.ggml.tokens' has {tokens_n} tokens, but tensor "
+                                f"'token_embd.weight' has {vocab} rows (expected equal)")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key in m:
+            n = _array_len(m, key)
+            if n != n_tokens:
+                raise GGUFLoadError(f"{path}: key '{key}' has {n} entries, expected {n_tokens} (one per token)")
+    for key in SPECIAL_TOKEN_ID_KEYS:
+        v = m.get_int(key, None)
+        if v is not None and not 0 <= v < n_tokens:
+            raise GGUFLoadError(f"{path}: key '{key}' is {v}, outside the vocabulary [0, {n_tokens})")
+
+
+def _array_len(m, key: str) -> int:
+    t = m.type_of(key)
+    if not t.startswith("arr"):
+        raise GGUFLoadError(f"{path_of(m)}: key '{key}' has type {t}, expected an array")
+    return m.array_len(key)
+
+
+def path_of(m) -> str:
+    return os.path.abspath(m.path) if m.path != "<gguf.GGUFReader>" else m.path
+
+
 def _swa(m, arch: str, n_layers: int) -> tuple[int, tuple[bool, ...]]:
     """Sliding window and which layers use it (llama.cpp's load_swa_pattern / set_swa_pattern)."""
     window = m.get_int(f"{arch}.attention.sliding_window", 0)
@@ -301,6 +426,13 @@ def _rope_scaling(m, arch: str, head_dim: int, rope_base: float, has_rope_freqs:
         return m.get_int(f"{arch}.{key}", default)
 
     kind = m.get_str(f"{arch}.rope.scaling.type", "none")
+    for key in ("rope.scaling.factor", "rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast",
+                "rope.scaling.yarn_beta_slow", "rope.scaling.low_freq_factor", "rope.scaling.high_freq_factor"):
+        v = opt_float(key, 0.0)
+        if not math.isfinite(v) or v < 0:
+            raise GGUFLoadError(f"{m.path}: key '{arch}.{key}' is {v!r}, expected a finite float >= 0")
+    if not 0 <= opt_int("rope.scaling.original_context_length", 0) < 2**31:
+        raise GGUFLoadError(f"{m.path}: key '{arch}.rope.scaling.original_context_length' is outside [0, 2^31)")
     factor = opt_float("rope.scaling.factor", 0.0) or 1.0
     orig = opt_int("rope.scaling.original_context_length", 0) or opt_int("context_length", 0)
     beta_fast = opt_float("rope.scaling.yarn_beta_fast", 32.0)

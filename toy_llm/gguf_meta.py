@@ -105,6 +105,10 @@ class _MetaBase:
     def __len__(self) -> int:
         return len(self.keys())
 
+    def array_len(self, key: str) -> int:
+        """Elements of an array key (without reading them)."""
+        return len(self[key])
+
     def type_of(self, key: str) -> str | None:
         """The key's type name ("u32", "arr[str]", ...), None when absent."""
         t = self._types(key)
@@ -197,7 +201,10 @@ class GGUFMeta(_MetaBase):
         try:
             self._g = tnn.tnn_gguf_load(os.fsencode(p))
         except tnn.TinyNNError as e:
-            raise GGUFLoadError(f"{p}: not a readable GGUF file ({e})") from None
+            from .gguf_layout import explain
+
+            where = explain(p)   # which record the walk fails at (ggml's messages often name none)
+            raise GGUFLoadError(f"{p}: not a readable GGUF file ({e})" + (f"; {where}" if where else "")) from None
         g = self._g
         self._index = {tnn.tnn_gguf_key(g, i): i for i in range(tnn.tnn_gguf_n_kv(g))}
         self._type_cache: dict[int, tuple[int, int | None]] = {}
@@ -241,6 +248,14 @@ class GGUFMeta(_MetaBase):
     # ---- primitives
     def keys(self) -> list[str]:
         return list(self._index)
+
+    def array_len(self, key: str) -> int:
+        t = self._types(key)
+        if t is None:
+            raise KeyError(key)
+        if t[0] != T_ARR:
+            raise GGUFLoadError(f"{self.path}: key '{key}' has type {type_name(*t)}, expected an array")
+        return self._tnn.tnn_gguf_arr_n(self.handle, self._index[key])
 
     def _types(self, key: str) -> tuple[int, int | None] | None:
         i = self._index.get(key)

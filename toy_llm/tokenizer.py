@@ -733,10 +733,15 @@ class Tokenizer:
         """From a GGUF path (read with ggml's reader, :class:`toy_llm.gguf_meta.GGUFMeta`), an open
         ``GGUFMeta`` (left open) or a ``gguf.GGUFReader``. An unreadable file or a key of the wrong
         type raises :class:`toy_llm.gguf_meta.GGUFLoadError` (a ValueError)."""
-        from .gguf_meta import open_meta   # (TypeError for anything else)
+        from .gguf_meta import GGUFLoadError, open_meta   # (TypeError for anything else)
 
         with open_meta(path_or_reader) as meta:
-            return cls(_MetaView(meta), _own_arrays=True)
+            try:
+                return cls(_MetaView(meta), _own_arrays=True)
+            except GGUFLoadError:
+                raise
+            except ValueError as e:   # a vocabulary the file describes wrongly: name the file
+                raise GGUFLoadError(f"{meta.path}: {e}") from e
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
