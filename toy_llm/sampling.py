@@ -45,23 +45,47 @@ class Sampler:
         self.cfg = cfg or SamplerConfig()
         self._rng = np.random.default_rng(self.cfg.seed)
 
-    def sample(self, logits: np.ndarray, prev_tokens: Sequence[int] = ()) -> int:
+    def distribution(self, logits: np.ndarray, prev_tokens: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The chain's candidates and their probabilities (ids, probs; probs sum to 1): what
+        :meth:`sample` draws from. Greedy (temperature 0) is the argmax with probability 1."""
         cfg = self.cfg
         logits = np.array(logits, dtype=np.float64).reshape(-1)  # copy: penalties edit it
         if logits.size == 0:
             raise ValueError("empty logits")
         _apply_repeat_penalty(logits, prev_tokens, cfg.repeat_penalty, cfg.repeat_last_n)
         if cfg.temperature <= 0.0:
-            return int(np.argmax(logits))  # first maximum, like llama.cpp's greedy sampler
+            return np.array([int(np.argmax(logits))]), np.ones(1)  # first maximum, like llama.cpp's greedy sampler
 
         ids, kept = _sorted_candidates(logits)
         ids, kept = _top_k(ids, kept, cfg.top_k)
         ids, kept = _top_p(ids, kept, cfg.top_p)
         ids, kept = _min_p(ids, kept, cfg.min_p)
-        probs = _softmax(kept / cfg.temperature)
-        # inverse-CDF draw; the clamp guards against cumsum rounding below the draw
+        return ids, _softmax(kept / cfg.temperature)
+
+    def draw(self, ids: np.ndarray, probs: np.ndarray) -> int:
+        """One token from (ids, probs) by inverse CDF; the clamp guards against cumsum rounding."""
+        if len(ids) == 1:
+            return int(ids[0])
         idx = int(np.searchsorted(np.cumsum(probs), self._rng.random() * probs.sum(), side="right"))
         return int(ids[min(idx, len(ids) - 1)])
+
+    def sample(self, logits: np.ndarray, prev_tokens: Sequence[int] = ()) -> int:
+        return self.draw(*self.distribution(logits, prev_tokens))
+
+    def accept_draft(self, logits: np.ndarray, prev_tokens: Sequence[int], draft: int) -> tuple[bool, int]:
+        """Speculative sampling's rule for a draft that proposes one token with certainty (prompt
+        lookup): accept it with probability p(draft); otherwise draw from p with the draft removed,
+        renormalised (max(0, p - q) for q a point mass). The emitted token is then distributed
+        exactly as :meth:`sample`'s (Leviathan et al. 2023). Returns (accepted, token)."""
+        ids, probs = self.distribution(logits, prev_tokens)
+        hit = np.nonzero(ids == draft)[0]
+        p_draft = float(probs[hit[0]]) if hit.size else 0.0
+        if p_draft >= 1.0 or (p_draft > 0.0 and self._rng.random() < p_draft):
+            return True, int(draft)
+        if hit.size:
+            probs = probs.copy()
+            probs[hit[0]] = 0.0
+        return False, self.draw(ids, probs)
 
 
 def _apply_repeat_penalty(logits: np.ndarray, prev_tokens: Sequence[int],

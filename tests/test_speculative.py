@@ -1,0 +1,141 @@
+"""Prompt-lookup speculative decoding: the drafts are llama-cpp-python's, greedy output is that of
+plain decoding, and with temperature the emitted tokens keep the sampler's distribution."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import toy_llm
+import toy_llm.generate as gen
+from toy_llm.sampling import Sampler, SamplerConfig
+from toy_llm.testing import synthetic
+
+from test_errors import MODEL
+
+llama_spec = pytest.importorskip("llama_cpp.llama_speculative")
+
+
+@settings(max_examples=300, deadline=None)
+@given(history=st.lists(st.integers(0, 5), min_size=1, max_size=40), draft_max=st.integers(1, 12),
+       ngram=st.integers(1, 4))
+def test_drafts_are_llama_cpp_pythons(history, draft_max, ngram):
+    want = llama_spec.LlamaPromptLookupDecoding.find_candidate_pred_tokens(
+        np.array(history, dtype=np.intc), max_ngram_size=ngram, num_pred_tokens=draft_max)
+    assert gen.prompt_lookup_draft(history, draft_max, ngram) == want.tolist()
+
+
+def _chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """p-value of Pearson's chi-square goodness of fit (Wilson-Hilferty normal approximation)."""
+    from math import erf, sqrt
+
+    n = counts.sum()
+    keep = probs * n >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(probs[keep] * n, probs[~keep].sum() * n)
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    x2, k = float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1
+    z = ((x2 / k) ** (1 / 3) - (1 - 2 / (9 * k))) / sqrt(2 / (9 * k))
+    return 0.5 * (1 - erf(z / sqrt(2)))
+
+
+@pytest.mark.parametrize("draft_rank", [0, 1, 3, 50])
+def test_acceptance_rule_keeps_the_distribution(draft_rank):
+    """For any draft token (the likeliest, a middling one, one outside the candidates), the token
+    accept_draft emits is distributed as sample()'s: chi-square over 20000 draws."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=64) * 2
+    s = Sampler(SamplerConfig(temperature=0.8, top_k=20, top_p=0.95, seed=1))
+    ids, probs = s.distribution(logits)
+    want = np.zeros(64)
+    want[ids] = probs
+    draft = int(np.argsort(-logits)[draft_rank])
+    counts = np.zeros(64)
+    for _ in range(20000):
+        counts[s.accept_draft(logits, [], draft)[1]] += 1
+    p = _chi2_p(counts, want)
+    assert p > 1e-3, f"chi-square p = {p:.2g}: the emitted tokens are not distributed as the sampler's"
+
+
+@pytest.fixture(scope="module")
+def f32_llama(tmp_path_factory):
+    return synthetic.write_model(tmp_path_factory.mktemp("spec") / "llama.gguf", "llama")
+
+
+@pytest.mark.parametrize("graph", ["fused", "per_head"])
+def test_greedy_speculation_is_greedy_decoding(f32_llama, graph):
+    """F32 weights: batch and single-step logits agree, so the text is identical, and drafts were used."""
+    m = toy_llm.load(f32_llama, max_T=256, n_threads=1, graph=graph)
+    try:
+        prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 4
+        plain = m.generate(prompt, max_new_tokens=48)
+        spec = m.generate(prompt, max_new_tokens=48, speculative="prompt_lookup", draft_max=6)
+        st_ = m.last_stats
+        assert spec == plain
+        assert st_["drafted"] > 0 and st_["verify_steps"] < st_["gen_tokens"], st_
+        print(f"\n{graph}: {st_['accepted']}/{st_['drafted']} drafts accepted, {st_['gen_tokens']} tokens in "
+              f"{st_['verify_steps']} verify steps")
+    finally:
+        m.close()
+
+
+def test_sampled_speculation_keeps_the_two_token_distribution(f32_llama, monkeypatch):
+    """End to end on a synthetic model, temperature 1.5, top-k 3: the first two generated tokens
+    with a draft forced at every step (a token that is sometimes accepted, sometimes not) follow
+    the distribution plain sampling defines: p(t1) p(t2 | t1), chi-square over 1500 generations."""
+    m = toy_llm.load(f32_llama, max_T=64, n_threads=1)
+    try:
+        prompt = [3, 14, 15, 92, 65]
+        scfg = SamplerConfig(temperature=1.5, top_k=3)
+        s = Sampler(scfg)
+        m.reset()
+        ids1, p1 = s.distribution(m.eval(prompt)[-1], prompt)
+        pairs, probs = [], []
+        for t1, q1 in zip(ids1, p1):
+            m.reset()
+            ids2, p2 = s.distribution(m.eval(prompt + [int(t1)])[-1], prompt + [int(t1)])
+            for t2, q2 in zip(ids2, p2):
+                pairs.append((int(t1), int(t2)))
+                probs.append(q1 * q2)
+        mass: dict[int, float] = {}            # draft the second token most likely overall
+        for (_, t2), q in zip(pairs, probs):
+            mass[t2] = mass.get(t2, 0.0) + q
+        draft = max(mass, key=mass.get)
+        monkeypatch.setattr(gen, "prompt_lookup_draft", lambda history, n, ngram=2: [draft])
+        index = {pr: i for i, pr in enumerate(pairs)}
+        counts = np.zeros(len(pairs))
+        accepted = 0
+        for seed in range(1500):
+            out = list(gen.token_stream(m, prompt, 2, Sampler(SamplerConfig(temperature=1.5, top_k=3, seed=seed)),
+                                        set(), stats := {}, speculative="prompt_lookup"))
+            counts[index[tuple(out)]] += 1
+            accepted += stats["accepted"]
+        assert 100 < accepted < 1400, (accepted, mass[draft])     # both branches of the rule ran
+        p = _chi2_p(counts, np.array(probs))
+        print(f"\n{accepted}/1500 drafts accepted; chi-square p = {p:.3f}")
+        assert p > 1e-3
+    finally:
+        m.close()
+
+
+def test_smollm2_input_grounded_agreement():
+    """Q4_1 weights: a batch of drafts and one-token steps can round differently, so report how far
+    the greedy texts agree; on this prompt they are identical."""
+    m = toy_llm.load(MODEL, max_T=512, n_threads=2)
+    try:
+        passage = ("The quick brown fox jumps over the lazy dog. The dog was not amused, and it barked at the fox "
+                   "until the fox ran away into the forest behind the old farmhouse.")
+        ids = m.tokenize(m.apply_chat_template([{"role": "user", "content": "Repeat this text exactly:\n" + passage}]),
+                         add_bos=False, special=True)
+        plain = m.tokenize(m.generate(ids, max_new_tokens=40), add_bos=False)
+        spec_text = m.generate(ids, max_new_tokens=40, speculative="prompt_lookup")
+        st_ = m.last_stats
+        spec = m.tokenize(spec_text, add_bos=False)
+        same = next((i for i, (a, b) in enumerate(zip(plain, spec)) if a != b), min(len(plain), len(spec)))
+        print(f"\nSmolLM2: {same}/{len(plain)} tokens agree; {st_['accepted']}/{st_['drafted']} drafts accepted, "
+              f"{st_['gen_tokens']} tokens in {st_['verify_steps']} steps")
+        assert spec == plain
+        assert st_["accepted"] > 0
+    finally:
+        m.close()

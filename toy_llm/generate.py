@@ -1,0 +1,93 @@
+"""The generation loop: sample, evaluate, repeat; optionally with prompt-lookup speculation.
+
+Prompt lookup (Saxena 2023; llama-cpp-python's ``LlamaPromptLookupDecoding``) drafts the next
+tokens by finding the context's last n-gram earlier in the context and copying what followed it.
+The drafts are verified in one batched graph with the token just sampled: row i of its logits is
+the distribution after draft i, so every accepted draft saves one sequential decode step. A
+rejected draft's KV rows are left behind the rewound position and overwritten by the next batch
+(attention only reads positions below the one being computed).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .sampling import Sampler
+
+SPECULATIVE = (None, "prompt_lookup")
+
+
+def prompt_lookup_draft(history: list[int], draft_max: int, ngram_max: int = 2) -> list[int]:
+    """Up to ``draft_max`` tokens that followed the first earlier occurrence of the context's last
+    n-gram, longest n-gram (<= ``ngram_max``) first; [] when none recurs. The same rule as
+    llama-cpp-python's ``find_candidate_pred_tokens``, so the two draft the same tokens."""
+    if draft_max <= 0:
+        return []
+    ids = np.asarray(history, dtype=np.int64)
+    n = ids.size
+    for size in range(min(ngram_max, n - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(ids, size)
+        for idx in np.nonzero((windows == ids[-size:]).all(axis=1))[0]:
+            start = int(idx) + size
+            if start < n:                 # the trailing n-gram itself has nothing after it
+                return ids[start:min(start + draft_max, n)].tolist()
+    return []
+
+
+def token_stream(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, eog: set[int],
+                 stats: dict, speculative: str | None = None, draft_max: int = 10,
+                 ngram_max: int = 2) -> Iterator[int]:
+    """Token ids of the continuation of ``prompt_ids`` (evaluated from an empty context). ``stats``
+    receives: stopped ("eog" | "max_new_tokens" | "context"), drafted, accepted, verify_steps."""
+    if speculative not in SPECULATIVE:
+        raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
+    if type(draft_max) is not int or draft_max < 1:
+        raise ValueError(f"draft_max must be a positive int, got {draft_max!r}")
+    max_T = model.cache.max_T
+    stats.update(stopped="max_new_tokens", drafted=0, accepted=0, verify_steps=0)
+    model.reset()
+    logits = model.eval(prompt_ids, all_logits=False)[-1]
+    history = list(prompt_ids)
+    n_out = 0
+    if max_new_tokens == 0:
+        return
+    pending = sampler.sample(logits, history)       # sampled, not yet in the KV cache
+    while True:
+        if pending in eog:
+            stats["stopped"] = "eog"
+            return
+        yield pending
+        history.append(pending)
+        n_out += 1
+        if n_out >= max_new_tokens:
+            return
+        if model.n_past >= max_T:
+            stats["stopped"] = "context"
+            return
+        room = min(max_new_tokens - n_out, max_T - model.n_past - 1)   # drafts that can still be used
+        draft = prompt_lookup_draft(history, min(draft_max, room), ngram_max) if speculative else []
+        base = model.n_past
+        rows = model.eval([pending] + draft)         # row i: the distribution after pending, draft[:i]
+        stats["verify_steps"] += 1
+        stats["drafted"] += len(draft)
+        accepted = 0
+        for i, d in enumerate(draft):
+            ok, tok = sampler.accept_draft(rows[i], history, d)
+            if not ok:
+                break
+            if d in eog:
+                stats["stopped"] = "eog"
+                return
+            yield d
+            history.append(d)
+            n_out += 1
+            accepted += 1
+            stats["accepted"] += 1
+            if n_out >= max_new_tokens:
+                model.n_past = base + 1 + accepted
+                return
+        else:
+            tok = sampler.sample(rows[len(draft)], history)
+        model.n_past = base + 1 + accepted           # drop the rejected drafts' positions
+        pending = tok
