@@ -4,6 +4,7 @@
     toy-llm generate "Write a haiku about ggml" --chat --temp 0.7 --seed 1
     toy-llm info models/SmolLM2-135M-Instruct.Q4_1.gguf
     toy-llm bench
+    toy-llm lora train models/SmolLM2-135M-Instruct.Q4_1.gguf --data facts.txt --steps 40 --out facts.gguf
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         f"(default {LLAMA_N_BATCH}, llama.cpp's default; 1: one position per graph)")
     p.add_argument("--loader", choices=("mmap", "copy"), default="mmap",
                    help="mmap: weights point into the file; copy: the seed's realize_for + load_weights path")
+    p.add_argument("--threadpool", action="store_true",
+                   help="CPU: keep the worker threads alive between graphs (ggml's threadpool) instead of starting "
+                        "them in every compute, as llama.cpp does by default")
 
 
 def _load(args):
@@ -41,7 +45,8 @@ def _load(args):
 
     return load(args.model, max_T=args.max_t, n_threads=args.threads, backend=args.backend,
                 kv_type=args.kv_type, flash_attn=args.flash_attn, loader=args.loader, graph=args.graph,
-                n_batch=args.batch, progress=args.loader == "copy")
+                n_batch=args.batch, progress=args.loader == "copy", threadpool=args.threadpool, lora=getattr(args, "lora", None),
+                lora_scale=getattr(args, "lora_scale", 1.0))
 
 
 def _control_vector(m, spec: str) -> None:
@@ -61,7 +66,8 @@ def cmd_generate(args) -> int:
             _control_vector(m, spec)
         pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temp, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                            seed=args.seed, stop=args.stop, stream=True, chat=args.chat)
+                            seed=args.seed, stop=args.stop, stream=True, chat=args.chat,
+                            speculative=args.speculative, draft_max=args.draft_max)
         if not args.chat and not args.quiet_prompt:
             sys.stdout.write(args.prompt)
         for piece in pieces:
@@ -70,7 +76,9 @@ def cmd_generate(args) -> int:
         sys.stdout.write("\n")
         s = m.last_stats
         print(f"[{s['prompt_tokens']} prompt tokens in {s['prompt_s']:.2f} s; {s['gen_tokens']} generated at "
-              f"{s['tok_per_s']:.1f} tok/s; backend {args.backend}, kv {args.kv_type}]", file=sys.stderr)
+              f"{s['tok_per_s']:.1f} tok/s; backend {args.backend}, kv {args.kv_type}"
+              + (f"; {s['accepted']}/{s['drafted']} drafts accepted" if args.speculative else "") + "]",
+              file=sys.stderr)
     return 0
 
 
@@ -147,7 +155,75 @@ def cmd_bench(args) -> int:
             _bench_llama_cpp(m, args, ids)
         if args.hooks:
             _bench_hooks(m, ids, args.n)
+        if args.speculative:
+            _bench_speculative(m, args)
     return 0
+
+
+SPEC_PASSAGE = ("Gutenberg's press used movable metal type, oil-based ink and a wooden screw press. Each letter was "
+                "cast in a hand mould from an alloy of lead, tin and antimony, so that thousands of identical "
+                "pieces could be set into lines, locked into a forme, inked and pressed onto damp paper. Within "
+                "fifty years presses were working in more than two hundred European cities.")
+
+
+def _bench_speculative(m, args, rounds: int = 3) -> None:
+    """An input-grounded task (repeat a passage, greedy): plain decoding and prompt-lookup
+    speculation, ours and llama-cpp-python's (plain, and its LlamaPromptLookupDecoding with 10
+    draft tokens), interleaved, median of ``rounds``; tokens/s over prompt + generation."""
+    import numpy as np
+
+    ids = m.tokenize(m.apply_chat_template([{"role": "user", "content": "Repeat this text exactly:\n" +
+                                              SPEC_PASSAGE}]), add_bos=False, special=True)
+    n = args.n
+    runs: dict[str, list] = {}
+
+    def ours(spec):
+        def run():
+            m.generate(ids, max_new_tokens=n, speculative=spec, draft_max=10)
+            st = m.last_stats
+            return st["gen_tokens"], st.get("accepted", 0), st.get("drafted", 0)
+        return run
+
+    engines = {"toy_llm plain": ours(None), "toy_llm prompt_lookup": ours("prompt_lookup")}
+    try:
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError:
+        llama_cpp = None
+    if llama_cpp is not None:
+        kv = KV_TYPES[args.kv_type]
+        common = dict(n_ctx=1024, n_batch=_batch(m), n_ubatch=_batch(m), verbose=False, n_threads=m.cache.n_threads,
+                      type_k=kv, type_v=kv, flash_attn=args.flash_attn or args.kv_type == "q8_0")
+        plain = llama_cpp.Llama(str(m.path), **common)
+        lookup = llama_cpp.Llama(str(m.path), draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), **common)
+        eog = set(m.tokenizer.eog_ids)
+
+        def theirs(llm):
+            def run():
+                llm.reset()
+                k = 0
+                for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                    if tok in eog:
+                        break
+                    k += 1
+                    if k == n:
+                        break
+                return k, 0, 0
+            return run
+        engines["llama-cpp-python plain"] = theirs(plain)
+        engines["llama-cpp-python LlamaPromptLookupDecoding"] = theirs(lookup)
+    for _ in range(rounds):
+        for label, run in engines.items():
+            t = time.perf_counter()
+            k, acc, drafted = run()
+            runs.setdefault(label, []).append((k / (time.perf_counter() - t), k, acc, drafted))
+    base = "llama-cpp-python plain" if llama_cpp is not None else "toy_llm plain"
+    med = {label: float(np.median([r[0] for r in v])) for label, v in runs.items()}
+    for label, v in runs.items():
+        k, acc, drafted = v[-1][1:]
+        extra = f", {acc}/{drafted} drafts accepted" if drafted else ""
+        print(f"speculative  {label:44s} {med[label]:6.1f} tok/s ({med[label] / med[base]:.2f}x {base}; "
+              f"{k} tokens{extra}; median of {rounds})")
 
 
 def _bench_hooks(m, ids, n: int, rounds: int = 5) -> None:
@@ -271,6 +347,27 @@ def cmd_parity(args) -> int:
     return 0
 
 
+def cmd_lora_train(args) -> int:
+    from . import load
+    from .lora import train
+    from .lora.train import peak_rss_mb
+
+    hist: list = []
+    with load(args.model_path, max_T=64, n_threads=args.threads) as m:
+        t0 = time.perf_counter()
+        adapter = train(m, args.data, rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
+                        weight_decay=args.weight_decay, max_grad_norm=args.clip or None, max_len=args.max_len,
+                        warmup_steps=args.warmup, seed=args.seed, n_threads=args.threads, history=hist)
+        wall = time.perf_counter() - t0
+    adapter.save(args.out)
+    first, last = hist[0]["loss"], hist[-1]["loss"]
+    print(f"[{args.steps} steps in {wall:.1f} s ({args.steps / wall:.2f} steps/s, "
+          f"{sum(h['tokens'] for h in hist) / wall:.0f} tokens/s); loss {first:.4f} -> {last:.4f}; "
+          f"peak RSS {peak_rss_mb():.0f} MiB; adapter rank {adapter.rank} (per head {args.rank}) -> {args.out}]",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="toy-llm",
@@ -298,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control-vector", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="add a llama.cpp control-vector GGUF to every layer's output, times STRENGTH (default 1; "
                         "repeatable: they add up)")
+    g.add_argument("--speculative", choices=("prompt_lookup",), default=None,
+                   help="prompt-lookup speculative decoding: draft tokens by matching the context's last n-gram "
+                        "earlier in the context, verify them in one batch (helps on input-grounded tasks)")
+    g.add_argument("--draft-max", type=int, default=10, metavar="N", help="most draft tokens per step (default 10)")
+    g.add_argument("--lora", default=None, metavar="ADAPTER.gguf",
+                   help="apply a LoRA-Q adapter (llama.cpp's LoRA GGUF: ours, or convert_lora_to_gguf.py's attn_q)")
+    g.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="scale of the adapter, as llama.cpp's --lora-scaled (default 1.0)")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -312,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hooks", action="store_true",
                    help="decode speed with no hook, a built-in intervention and Python hooks")
     _add_model_args(b)
+    b.add_argument("--speculative", action="store_true",
+                   help="also time prompt-lookup speculative decoding on an input-grounded prompt, against "
+                        "llama-cpp-python's plain decoding and its LlamaPromptLookupDecoding when installed")
     b.set_defaults(func=cmd_bench)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file, by llama-perplexity's method",
@@ -360,6 +468,29 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("-t", "--threads", type=int, default=1,
                     help="CPU threads for both engines (default 1: one token at a time, faster than more)")
     pa.set_defaults(func=cmd_parity)
+
+    lo = sub.add_parser("lora", help="LoRA-Q adapters: lora train", description="LoRA on the attention Q projection.")
+    lsub = lo.add_subparsers(dest="lora_cmd", required=True, metavar="ACTION")
+    lt = lsub.add_parser("train", help="fine-tune per-head LoRA-Q adapters and save llama.cpp's LoRA GGUF",
+                         description="Fine-tune per-head LoRA-Q adapters of MODEL on --data through ggml's "
+                                     "autodiff (AdamW, gradient clipping) and save them as a llama.cpp LoRA GGUF.")
+    lt.add_argument("model_path", metavar="MODEL.gguf", help="base model GGUF")
+    lt.add_argument("--data", required=True, metavar="FILE",
+                    help='.txt (one example per line) or .jsonl ({"text": ...} or {"prompt": ..., "completion": ...}; '
+                         "a pair trains on the completion's tokens only)")
+    lt.add_argument("--out", required=True, metavar="ADAPTER.gguf", help="where to write the adapter")
+    lt.add_argument("--rank", type=int, default=8, help="LoRA rank per query head (default 8)")
+    lt.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha per head; scale = alpha / rank (default 16)")
+    lt.add_argument("--steps", type=int, default=100, help="AdamW steps (default 100)")
+    lt.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    lt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
+    lt.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global norm; 0 = off (default 1)")
+    lt.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
+    lt.add_argument("--max-len", type=int, default=256,
+                    help="tokens per step: examples are cut to, and packed into, this many (default 256)")
+    lt.add_argument("--seed", type=int, default=0, help="seed of the adapters' initialisation (default 0)")
+    lt.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    lt.set_defaults(func=cmd_lora_train)
     return ap
 
 

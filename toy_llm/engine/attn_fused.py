@@ -20,7 +20,10 @@ def build(b: BuildContext, inp: GraphInputs, il: int, h):
                          "(use graph='per_head')")
     if inp.kv_rows is None:
         raise ValueError("the fused graph writes the cache through row inputs (GraphInputs rows_as_inputs=True)")
-    q = project(sess, blk.t_w_q_all, h, blk.t_b_q_all)       # [H*Dh, n]
+    adapter = None
+    if b.weights.lora_q_scale is not None and blk.t_lora_q_a is not None:   # an inference LoRA-Q adapter
+        adapter = (blk.t_lora_q_a, blk.t_lora_q_b, b.weights.lora_q_scale)
+    q = project(sess, blk.t_w_q_all, h, blk.t_b_q_all, adapter=adapter)   # [H*Dh, n]
     k = project(sess, blk.t_w_k_all, h, blk.t_b_k_all)       # [G*Dh, n]
     v = b.tap(project(sess, blk.t_w_v_all, h, blk.t_b_v_all), "attn.hook_v", il)
     if cfg.qk_norm_kind:

@@ -10,9 +10,14 @@ from .ops import attend, finish_q, project, qk_norm, rope
 
 
 def _q_projection(b: BuildContext, blk, hq: int, h):
-    """Query head ``hq`` before norm and rope: W_q[hq] h (+ B A h, LoRA-Q) (+ bias)."""
+    """Query head ``hq`` before norm and rope: W_q[hq] h (+ B A h, the trainable LoRA-Q slots)
+    (+ s B[hq] (A h), an inference adapter: B[hq] the head's d_head rows of the whole B, so each
+    element is the same dot product llama.cpp's whole-matrix product computes) (+ bias)."""
     lora = (blk.t_w_lora_a_q[hq], blk.t_w_lora_b_q[hq]) if b.weights.lora_rank else None
-    return project(b.sess, blk.t_w_q[hq], h, blk.t_b_q[hq] if blk.t_b_q else None, lora)
+    adapter = None
+    if b.weights.lora_q_scale is not None and blk.t_lora_q_a is not None:
+        adapter = (blk.t_lora_q_a, blk.t_lora_q_b_heads[hq], b.weights.lora_q_scale)
+    return project(b.sess, blk.t_w_q[hq], h, blk.t_b_q[hq] if blk.t_b_q else None, lora, adapter)
 
 
 def _normed_heads(b: BuildContext, heads: list, gamma) -> list:

@@ -338,6 +338,20 @@ class SmolLM2KVFFICache:
                 tnn.upload(self.sess, blk.t_w_lora_a_q[hq], a)
                 tnn.upload(self.sess, blk.t_w_lora_b_q[hq], zb)
 
+    def build_lora_train_step(self, n_tokens: int, n_rows: int, lora_scale: float, optimizer: bool = True,
+                              keep_grads: bool = False):
+        """A LoRA-Q training graph (engine/train_graph.py) over ``n_tokens`` positions, ``n_rows`` of
+        them in the cross-entropy: forward, ggml's backward and, with ``optimizer``, the clipped AdamW
+        step of every adapter (moments: the t_w_lora_*_m / _v tensors). Needs enable_lora_q (and
+        enable_lora_q_adamw for the optimizer) before realize. Returns its TrainGraph handles."""
+        from . import train_graph
+
+        e = self._engine("build_lora_train_step")
+        if not self.lora_q_enabled:
+            raise RuntimeError("build_lora_train_step: call enable_lora_q(r) before realize")
+        return train_graph.build(e.context(), n_tokens, n_rows, lora_scale, optimizer=optimizer,
+                                 keep_grads=keep_grads)
+
     def read_persistent_mat(self, t, rows: int, cols: int) -> np.ndarray:
         """Any persistent F32 tensor back as a (rows, cols) numpy matrix."""
         return tnn.download_to_mat(self.sess, t, rows, cols)
@@ -346,7 +360,7 @@ class SmolLM2KVFFICache:
 
     def _engine(self, what: str) -> Engine:
         if self.engine is None or not self.engine.realized:
-            raise RuntimeError(f"{what}: realize the cache first")
+            raise RuntimeError(f"{what}: the cache is not realized (realize it first) or was closed")
         return self.engine
 
     def build_decode_step(self, pos: int, n_tokens: int = 1) -> SmolLM2KVStepResult:
@@ -391,14 +405,14 @@ class SmolLM2KVFFICache:
 
     def step(self, token_id: int, pos: int) -> np.ndarray:
         """Build (or replay), run and read one position: logits (vocab,) of ``token_id`` at ``pos``."""
-        return self._engine("step").step(int(token_id), int(pos), self.options.graph)
+        return self._engine("step").step(token_id, pos, self.options.graph)
 
     def step_batch(self, token_ids, pos0: int, all_logits: bool = True) -> np.ndarray:
         """Prefill: ``token_ids`` at positions pos0, pos0+1, ... in one fused graph (llama.cpp's ubatch)."""
         if not self.options.fused:
             raise RuntimeError("step_batch: needs the fused graph (graph='fused'); the per-head graph "
                                "evaluates one position per graph")
-        return self._engine("step_batch").step_batch(token_ids, int(pos0), all_logits)
+        return self._engine("step_batch").step_batch(token_ids, pos0, all_logits)
 
     def close(self) -> None:
         """Free the session, then the mapping it points into."""

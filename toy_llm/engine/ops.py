@@ -35,12 +35,18 @@ def softcap(sess, x, cap: float):
     return tnn.tnn_scale(sess, tnn.tnn_tanh(sess, x), cap)
 
 
-def project(sess, w, x, bias=None, lora=None):
-    """w x (+ B (A x) for a LoRA pair (A, B), before the bias, as HF and llama.cpp place it) (+ bias)."""
+def project(sess, w, x, bias=None, lora=None, adapter=None):
+    """w x (+ B (A x) for a LoRA pair ``lora`` = (A, B)) (+ s B' (A' x) for an inference adapter
+    ``adapter`` = (A', B', s)) (+ bias): both before the bias, as HF and llama.cpp place them.
+    The adapter term is llama.cpp's build_lora_mm: ggml_scale of B (A x) by s (always, also at
+    s = 1), then added to w x."""
     t = tnn.tnn_matmul(sess, w, x)
     if lora is not None:
         a, b = lora
         t = tnn.tnn_add(sess, t, tnn.tnn_matmul(sess, b, tnn.tnn_matmul(sess, a, x)))
+    if adapter is not None:
+        a, b, s = adapter
+        t = tnn.tnn_add(sess, t, tnn.tnn_scale(sess, tnn.tnn_matmul(sess, b, tnn.tnn_matmul(sess, a, x)), s))
     return t if bias is None else tnn.tnn_add(sess, t, bias)
 
 

@@ -32,6 +32,9 @@ class EngineOptions:
     loader: str = "mmap"
     weight_type: int | None = None
     repack_weights: bool = True   # CPU: matmul weights in ggml's CPU_REPACK layout where llama.cpp uses it
+    threadpool: bool = False      # CPU: keep the worker threads between computes (README, "Speed")
+    # (rank, layers) of an inference LoRA-Q adapter: its F32 A / B are declared with the weights
+    lora_q_slots: tuple[int, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         def bad(arg, want):
@@ -51,6 +54,11 @@ class EngineOptions:
             bad("loader", f"one of {LOADERS}")
         if self.weight_type is not None and (type(self.weight_type) is not int or self.weight_type < 0):
             bad("weight_type", "a ggml type id or None")
+        if self.lora_q_slots is not None:
+            rank, layers = self.lora_q_slots
+            if type(rank) is not int or rank < 1 or not layers or any(type(il) is not int or il < 0 for il in layers):
+                bad("lora_q_slots", "(a positive rank, a non-empty tuple of layer indices)")
+            object.__setattr__(self, "lora_q_slots", (rank, tuple(sorted(set(layers)))))
         if self.kv_type == "q8_0" and not self.flash_attn:
             object.__setattr__(self, "flash_attn", True)
 

@@ -21,10 +21,11 @@ import numpy as np
 
 from .. import tinynn as tnn
 from ..gguf_load import ModelConfig, RopeScaling
+from ..gguf_meta import GGUFLoadError
 
 
-class MissingTensorError(KeyError):
-    """A tensor the architecture needs is absent from the GGUF."""
+class MissingTensorError(GGUFLoadError, KeyError):
+    """A tensor the architecture needs is absent from the GGUF (a GGUFLoadError; a KeyError too, as before)."""
 
     def __str__(self) -> str:  # KeyError quotes its arg; keep the sentence readable
         return str(self.args[0])
@@ -41,8 +42,46 @@ class Slice:
     ne: tuple[int, int, int] | None = None
 
 
+# ggml types a matmul weight / embedding table may have: those with CPU dot-product kernels
+# (F32, F16, BF16, the Q*_0/1 and K-quants, IQ*, TQ*, MXFP4); not the integer, F64 or Q8_K/Q8_1
+# activation types
+WEIGHT_TYPES = frozenset((0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 30, 34, 35,
+                          39))
+
+
+def config_note(cfg: ModelConfig) -> str:
+    """The dimensions tensor shapes follow from, with the keys they come from (for shape errors)."""
+    a = cfg.arch
+    note = (f"d_model {cfg.d_model} '{a}.embedding_length', n_heads {cfg.n_heads} '{a}.attention.head_count', "
+            f"n_kv {cfg.n_kv} '{a}.attention.head_count_kv', head size {cfg.head_dim}, d_ff {cfg.d_ff} "
+            f"'{a}.{'expert_' if cfg.is_moe and cfg.arch == 'qwen3moe' else ''}feed_forward_length', "
+            f"n_vocab {cfg.vocab} (token_embd.weight)")
+    return note + (f", n_experts {cfg.n_experts} '{a}.expert_count'" if cfg.is_moe else "")
+
+
+def check_file_tensor(path: str, s: Slice, kind: str, typ: int, shape: tuple, note: str = "") -> None:
+    """The file's tensor ``s.name`` (ggml ``typ``, ``shape`` in ne order, trailing 1s dropped) is what
+    the config implies: else GGUFLoadError naming the tensor, the expected and the found shape / type."""
+    want = list(s.ne) if s.ne is not None else [s.cols, s.rows]
+    while len(want) > 1 and want[-1] == 1:
+        want.pop()
+    found = list(shape)
+    if found != want:
+        raise GGUFLoadError(f"{path}: tensor '{s.name}' has shape {found}, expected {want} (from the config: "
+                            f"{note or 'see toy_llm.gguf_load.ModelConfig'})")
+    ok = WEIGHT_TYPES if kind in ("linear", "embed") else (tnn.GGML_TYPE_F32,)
+    if typ not in ok:
+        name = tnn.lib.tnn_type_name(typ) if 0 <= typ < 1 << 16 else tnn.ffi.NULL
+        name = tnn.ffi.string(name).decode() if name != tnn.ffi.NULL else ""
+        raise GGUFLoadError(f"{path}: tensor '{s.name}' has ggml type {typ} ({name or 'unknown'}), expected "
+                            + ("F32" if kind not in ("linear", "embed") else
+                               "a float or block-quantized weight type (F32, F16, BF16, Q4_0, ..., Q6_K, IQ*)"))
+
+
 class MmapWeights:
     """Weights that point into the mapped GGUF (host backends: no copy)."""
+
+    config_note = ""   # set by declare_weights: the dims behind each expected shape
 
     def __init__(self, sess, gguf_handle, path: str):
         self.sess, self.g, self.path = sess, gguf_handle, path
@@ -57,6 +96,9 @@ class MmapWeights:
         typ = tnn.tnn_gguf_tensor_type(self.g, idx)
         off = tnn.tnn_gguf_tensor_file_offset(self.g, idx)
         nbytes = tnn.tnn_gguf_tensor_nbytes(self.g, idx)
+        nd = tnn.tnn_gguf_tensor_ndim(self.g, idx)
+        check_file_tensor(self.path, s, kind, typ, tuple(tnn.tnn_gguf_tensor_ne(self.g, idx, d) for d in range(nd)),
+                          self.config_note)
         try:
             ne = s.ne or (s.cols, s.rows, 1)
             want = tnn.tnn_row_size(typ, ne[0]) * ne[1] * ne[2]
@@ -76,18 +118,20 @@ class MmapWeights:
 class CopyWeights:
     """Weights in the session's own buffer, filled from the file by :meth:`load`."""
 
+    config_note = ""
+
     def __init__(self, sess, weight_type: int, embed_type: int = tnn.GGML_TYPE_F32,
                  file_types: dict[str, int] | None = None):
         """``file_types`` (name -> ggml type): keep each linear weight and the embedding in its own
         type from the file (a byte copy), instead of ``weight_type`` / ``embed_type``."""
         self.sess, self.weight_type, self.embed_type = sess, weight_type, embed_type
         self.file_types = file_types
-        self.pending: list[tuple[object, Slice]] = []
+        self.pending: list[tuple[object, Slice, str]] = []   # (tensor, slice, kind)
 
     def tensor(self, s: Slice, kind: str):
         wtype = {"linear": self.weight_type, "embed": self.embed_type}.get(kind, tnn.GGML_TYPE_F32)
         if self.file_types is not None and kind in ("linear", "embed"):
-            wtype = self.file_types[s.name]
+            wtype = self.file_types.get(s.name, wtype)   # (absent: load() names it, with the file)
         if s.ne is not None:
             t = tnn.tnn_input_3d_weight_typed(self.sess, *s.ne, wtype)
         elif s.rows == 1 and kind == "f32":
@@ -96,7 +140,7 @@ class CopyWeights:
             t = tnn.tnn_input_2d_weight_typed(self.sess, s.rows, s.cols, wtype)
         else:
             t = tnn.tnn_input_2d_persistent_typed(self.sess, s.rows, s.cols, wtype)
-        self.pending.append((t, s))
+        self.pending.append((t, s, kind))
         return t
 
     def load(self, path: str, progress: bool = False) -> None:
@@ -111,11 +155,14 @@ class CopyWeights:
                 from tqdm import tqdm
 
                 items = tqdm(items, desc=f"copying weights from {path}", unit="tensor")
-            for t, s in items:
+            for t, s, kind in items:
                 idx = tnn.tnn_gguf_find_index(g, s.name)
                 if idx < 0:
                     raise MissingTensorError(f"{path}: missing tensor '{s.name}'")
                 off, nbytes = tnn.tnn_gguf_tensor_file_offset(g, idx), tnn.tnn_gguf_tensor_nbytes(g, idx)
+                typ, nd = tnn.tnn_gguf_tensor_type(g, idx), tnn.tnn_gguf_tensor_ndim(g, idx)
+                check_file_tensor(path, s, kind, typ, tuple(tnn.tnn_gguf_tensor_ne(g, idx, d) for d in range(nd)),
+                                  self.config_note)
                 self._fill(path, t, s, tnn.tnn_gguf_tensor_type(g, idx), data[off:off + nbytes])
             del data
         finally:
@@ -143,11 +190,13 @@ _BLOCK_TENSORS = (
     "t_rn1_gamma t_rn2_gamma t_post_attn_norm_gamma t_post_ffn_norm_gamma t_q_norm_gamma t_k_norm_gamma "
     "t_w_q_all t_w_k_all t_w_v_all t_b_q_all t_b_k_all t_b_v_all "   # whole Q/K/V (None in per-head files)
     "t_w_o t_w_gate t_w_up t_w_down t_w_router t_w_gate_exps t_w_up_exps t_w_down_exps "
-    "t_K_layer t_V_layer").split()                                    # the layer's KV cache (cache.py)
+    "t_K_layer t_V_layer "                                            # the layer's KV cache (cache.py)
+    "t_lora_q_a t_lora_q_b").split()   # an inference LoRA-Q adapter: A [R, d_model], B [n_heads * d_head, R]
 # ... and one per head: views of the whole Q/K/V rows and bias, the cache's per-KV-head views,
 # and the LoRA-Q adapters with their AdamW moments
 _BLOCK_HEAD_LISTS = ("t_w_q t_b_q t_w_k t_w_v t_b_k t_b_v t_K t_V t_w_lora_a_q t_w_lora_b_q "
-                     "t_w_lora_a_q_m t_w_lora_a_q_v t_w_lora_b_q_m t_w_lora_b_q_v").split()
+                     "t_w_lora_a_q_m t_w_lora_a_q_v t_w_lora_b_q_m t_w_lora_b_q_v "
+                     "t_lora_q_b_heads").split()   # per-head views of t_lora_q_b's rows
 SmolLM2KVBlockFFI = make_dataclass(
     "SmolLM2KVBlockFFI",
     [(n, object, None) for n in _BLOCK_TENSORS] + [(n, list, field(default_factory=list)) for n in _BLOCK_HEAD_LISTS],
@@ -169,6 +218,8 @@ class ModelWeights:
     layers: list[LayerWeights]
     per_head_file: bool            # the file stores attn_q/k/v per head (the seed's toy checkpoints)
     lora_rank: int = 0
+    # the inference LoRA-Q adapter's scale (float32 lora_scale * alpha / rank), None: not applied
+    lora_q_scale: float | None = None
 
     @property
     def out_matrix(self):
@@ -195,10 +246,13 @@ def _bias_pieces(sess, bias, n_heads: int, d_head: int) -> list:
     return [tnn.tnn_view_2d_persistent(sess, bias, d_head, 1, row, h * row) for h in range(n_heads)]
 
 
-def declare_weights(sess, src, cfg: ModelConfig, lora_rank: int = 0, lora_adamw: bool = False) -> ModelWeights:
+def declare_weights(sess, src, cfg: ModelConfig, lora_rank: int = 0, lora_adamw: bool = False,
+                    lora_q_slots: tuple | None = None) -> ModelWeights:
     """Declare every persistent weight of ``cfg``'s model from ``src`` (MmapWeights | CopyWeights),
-    and the per-Q-head LoRA slots when ``lora_rank`` > 0."""
+    the per-Q-head LoRA slots when ``lora_rank`` > 0, and an inference LoRA-Q adapter's F32 A and
+    B for ``lora_q_slots`` = (rank, layers) (filled later, see Engine.set_lora_q)."""
     D, Dh, Dff, H, G = cfg.d_model, cfg.head_dim, cfg.d_ff, cfg.n_heads, cfg.n_kv
+    src.config_note = config_note(cfg)
     vec = lambda name, n: src.tensor(Slice(name, 1, n), "f32")  # noqa: E731
     lin = lambda name, rows, cols: src.tensor(Slice(name, rows, cols), "linear")  # noqa: E731
 
@@ -253,6 +307,11 @@ def declare_weights(sess, src, cfg: ModelConfig, lora_rank: int = 0, lora_adamw:
                 blk.t_w_lora_b_q_v = [f32(Dh, r) for _ in range(H)]
             for t in blk.t_w_lora_a_q + blk.t_w_lora_b_q:
                 tnn.tnn_set_param(t)
+        if lora_q_slots is not None and il in lora_q_slots[1]:
+            R = lora_q_slots[0]
+            blk.t_lora_q_a = f32(R, D)
+            blk.t_lora_q_b = f32(H * Dh, R)
+            blk.t_lora_q_b_heads = _head_views(sess, blk.t_lora_q_b, H, Dh)
         blk.t_w_o = lin(f"{p}.attn_output.weight", D, H * Dh)
         if cfg.is_moe:
             E = cfg.n_experts
