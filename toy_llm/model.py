@@ -6,8 +6,11 @@ fused graph, prompts in ubatches of ``n_batch`` = 512 positions as llama.cpp's d
 """
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -15,8 +18,10 @@ from typing import Iterator
 import numpy as np
 
 from . import tinynn as tnn
+from .engine.engine import check_token_ids
 from .engine.kv_cache import SmolLM2KVFFICache
 from .engine.options import LLAMA_N_BATCH, EngineOptions
+from .generate import token_stream
 from .gguf_load import ModelConfig, load_config
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer
@@ -34,6 +39,16 @@ class Model:
         self.last_stats: dict[str, float] = {}
         self._user_hooks: tuple = ()      # (matcher, Intervention) pairs of the open hooks() blocks
         self._control_hooks: tuple = ()   # the control vector's, as AddVector per layer
+        # one thread at a time: a call from a second thread waits for the running one (eval, a whole
+        # non-streamed generate, score, ...), so the context never sees two interleaved writers
+        self.lock = threading.RLock()
+        self.lora = None                  # the LoRA-Q adapter applied (set_lora), and its lora_scale
+        self.lora_scale: float | None = None
+        self._closed = False
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: the model is closed ({self.path.name}); load it again")
 
     @property
     def options(self) -> EngineOptions:
@@ -77,9 +92,16 @@ class Model:
         does; ``all_logits=False`` returns only the last position's [1, vocab], and the batches then
         skip the rest of the last layer and the output matrix for the other positions, as llama.cpp
         does for a prompt (generate uses this)."""
-        tokens = [int(t) for t in tokens]
+        with self.lock:
+            self._check_open("eval")
+            return self._eval(check_token_ids(tokens, self.config.vocab, "eval"), all_logits)
+
+    def _eval(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        if not tokens:
+            raise ValueError("eval: no tokens (an empty input)")
         if self.n_past + len(tokens) > self.cache.max_T:
-            raise ValueError(f"context full: n_past={self.n_past} + {len(tokens)} tokens > max_T={self.cache.max_T}")
+            raise ValueError(f"eval: context full: n_past={self.n_past} + {len(tokens)} tokens > "
+                             f"max_T={self.cache.max_T}")
         n_batch = self.options.n_batch
         if self.options.fused and n_batch > 1 and len(tokens) > 1:
             parts = []
@@ -97,19 +119,29 @@ class Model:
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 40, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = None, stop: list[str] | None = None,
-                 stream: bool = False, chat: bool = False) -> str | Iterator[str]:
+                 stream: bool = False, chat: bool = False, speculative: str | None = None,
+                 draft_max: int = 10) -> str | Iterator[str]:
         """The continuation of ``prompt`` (not the prompt itself), from an empty cache.
 
         Stops at an end-of-generation token, at ``max_new_tokens``, or at a ``stop`` string.
         ``chat=True`` wraps a string prompt as one user message in the GGUF's chat template.
-        With ``stream=True`` returns an iterator of text pieces.
+        With ``stream=True`` returns an iterator of text pieces. ``speculative="prompt_lookup"``
+        drafts up to ``draft_max`` tokens from the context and verifies them in one batch
+        (toy_llm.generate); with temperature > 0 the speculative sampling rule keeps the sampled
+        distribution unchanged. ``last_stats`` then counts drafted and accepted tokens.
         """
+        self._check_open("generate")
+        if type(max_new_tokens) is not int or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         it = self._generate(prompt, max_new_tokens, SamplerConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n, seed=seed), stop or [], chat)
-        return it if stream else "".join(it)
+            repeat_last_n=repeat_last_n, seed=seed), stop or [], chat, speculative, draft_max)
+        if stream:
+            return it
+        with self.lock:
+            return "".join(it)
 
-    def _generate(self, prompt, max_new_tokens, scfg, stop, chat) -> Iterator[str]:
+    def _generate(self, prompt, max_new_tokens, scfg, stop, chat, speculative=None, draft_max=10) -> Iterator[str]:
         if isinstance(prompt, str):
             if chat:
                 ids = self.tokenize(self.apply_chat_template([{"role": "user", "content": prompt}]),
@@ -117,31 +149,31 @@ class Model:
             else:
                 ids = self.tokenize(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = check_token_ids(prompt, self.config.vocab, "generate")
         if not ids:
             raise ValueError("generate: empty prompt")
+        if len(ids) > self.cache.max_T:
+            raise ValueError(f"generate: the prompt has {len(ids)} tokens, more than the context "
+                             f"(max_T={self.cache.max_T})")
         sampler = Sampler(scfg)
         eog = set(self.tokenizer.eog_ids)
-        self.reset()
+        gen_stats: dict = {}
+        tokens = token_stream(self, ids, max_new_tokens, sampler, eog, gen_stats, speculative, draft_max)
         t0 = time.perf_counter()
-        logits = self.eval(ids, all_logits=False)[-1]
+        first = next(tokens, None)            # the prompt is evaluated on the way to the first token
         t_prompt = time.perf_counter() - t0
-        history = list(ids)
         out_ids: list[int] = []
         emitted = ""
         t1 = time.perf_counter()
-        for _ in range(max_new_tokens):
-            tok = sampler.sample(logits, history)
-            if tok in eog:
-                break
+        for tok in ([] if first is None else itertools.chain([first], tokens)):
             out_ids.append(tok)
-            history.append(tok)
             text = self.detokenize(out_ids)
             cut = _first_stop(text, stop)
             if cut is not None:
                 if cut > len(emitted):
                     yield text[len(emitted):cut]
                 emitted = text[:cut]
+                gen_stats["stopped"] = "stop"
                 break
             # hold back an incomplete UTF-8 sequence and any prefix of a stop string
             safe = len(text.rstrip("\ufffd"))
@@ -149,9 +181,9 @@ class Model:
             if safe > len(emitted):
                 yield text[len(emitted):safe]
                 emitted = text[:safe]
-            if len(out_ids) == max_new_tokens or self.n_past >= self.cache.max_T:
-                break
-            logits = self.eval([tok])[-1]
+        if gen_stats.get("stopped") == "context":
+            warnings.warn(f"generate: stopped after {len(out_ids)} tokens at the end of the context "
+                          f"(max_T={self.cache.max_T}); load with a larger max_T for longer output", stacklevel=3)
         text = self.detokenize(out_ids)
         cut = _first_stop(text, stop)
         final = text if cut is None else text[:cut]
@@ -159,11 +191,13 @@ class Model:
             yield final[len(emitted):]
         dt = time.perf_counter() - t1
         self.last_stats = {"prompt_tokens": len(ids), "prompt_s": t_prompt, "gen_tokens": len(out_ids),
-                           "gen_s": dt, "tok_per_s": (len(out_ids) / dt) if dt > 0 else 0.0}
+                           "gen_s": dt, "tok_per_s": (len(out_ids) / dt) if dt > 0 else 0.0,
+                           **gen_stats}
 
     # ---------------------------------------------------------------- experiments
 
     def _engine(self):
+        self._check_open("hooks")
         return self.cache._engine("hooks")
 
     def _set_hooks(self) -> None:
@@ -230,12 +264,42 @@ class Model:
             if self.cache.engine is not None:
                 self._set_hooks()
 
+    def set_lora(self, adapter=None, scale: float = 1.0) -> None:
+        """Apply a LoRA-Q adapter (a path to llama.cpp's LoRA GGUF, or a LoraAdapter) in every later
+        eval/generate, in-graph in both graphs (no weight merge): Q = W x + s B (A x) + bias with
+        s = float32 ``scale`` * alpha / rank, as llama.cpp's ``lora_scale``. The adapter's tensors
+        are declared at load: after ``load(..., lora=...)`` this swaps in any adapter of the same rank
+        and layers, changes the scale, or with ``None`` stops applying it; a model loaded without
+        ``lora=`` refuses (load it with one)."""
+        with self.lock:
+            self._check_open("set_lora")
+            engine = self.cache._engine("set_lora")
+            if adapter is None:
+                engine.set_lora_q(None, None)
+                self.lora, self.lora_scale = None, None
+                return
+            ad = _lora_adapter(adapter, self.config)
+            slots = self.options.lora_q_slots
+            if slots is None:
+                raise ValueError("set_lora: this model was loaded without LoRA tensors; load it with "
+                                 "toy_llm.load(..., lora=ADAPTER) (then set_lora can swap adapters of the same "
+                                 "rank and layers, change the scale, or turn it off)")
+            if (ad.rank, tuple(sorted(ad.q))) != slots:
+                raise ValueError(f"set_lora: the adapter has rank {ad.rank} on layers {sorted(ad.q)}; this model "
+                                 f"was loaded with LoRA tensors of rank {slots[0]} on layers {list(slots[1])}: "
+                                 f"load it again with lora= this adapter")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
+                raise ValueError(f"set_lora: scale must be a finite number, got {scale!r}")
+            engine.set_lora_q(ad, ad.scale(float(scale)))
+            self.lora, self.lora_scale = ad, float(scale)
+
     def set_control_vector(self, path_or_array=None, strength: float = 1.0, layers: tuple[int, int] | None = None):
         """Add a control vector to each layer's output (llama.cpp's build_cvec, at l_out =
         ``blocks.{L}.hook_resid_post``) in every later eval/generate. ``path_or_array``: llama.cpp's
         control-vector GGUF (1-D F32 tensors ``direction.{L}``, L >= 1; a list of paths is summed), or
         an array [n_layers, d_model] indexed by layer; times ``strength``. ``layers=(start, end)``,
         both inclusive, as llama.cpp's il_start / il_end (default: every layer from 1). None clears."""
+        self._check_open("set_control_vector")
         from .engine.interventions import AddVector
 
         if path_or_array is None:
@@ -253,18 +317,25 @@ class Model:
         """Per-token log-probabilities log p(token_i | tokens_<i), i >= 1, of each text (toy_llm.scoring)."""
         from .scoring import score
 
+        self._check_open("score")
+
         return score(self, texts, add_bos=add_bos)
 
     def perplexity(self, text_or_file, n_ctx: int = 512, progress: bool = False):
         """llama.cpp's ``llama-perplexity`` method: chunks of n_ctx, each chunk's second half scored."""
         from .scoring import perplexity
 
+        self._check_open("perplexity")
+
         return perplexity(self, text_or_file, n_ctx=n_ctx, progress=progress)
 
     # ---------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        self.cache.close()
+        """Free the session and the mapping at once (closing twice is a no-op); any later call raises."""
+        with self.lock:
+            self._closed = True
+            self.cache.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -286,6 +357,20 @@ def _join_traces(graphs: list[dict]) -> dict:
             parts = [np.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, width - p.shape[-1])]) for p in parts]
         out[name] = np.concatenate(parts, axis=0)
     return out
+
+
+def _lora_adapter(adapter, cfg: ModelConfig):
+    """A LoraAdapter checked against ``cfg``'s model, from a path or a LoraAdapter."""
+    from .lora.adapter import LoraAdapter, check_adapter, load_adapter
+
+    if isinstance(adapter, (str, os.PathLike)):
+        return load_adapter(adapter, cfg)
+    if not isinstance(adapter, LoraAdapter):
+        raise TypeError(f"lora: expected a path to a LoRA GGUF or a LoraAdapter, got {type(adapter).__name__}")
+    if not adapter.q:
+        raise ValueError("lora: the adapter has no layers")
+    check_adapter(adapter, cfg)
+    return adapter
 
 
 def load_control_vector(path_or_array, n_layers: int, d_model: int) -> np.ndarray:
@@ -342,7 +427,7 @@ def _stop_safe_len(text: str, stop: list[str]) -> int:
 def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: int | None = None,
          backend: str = "cpu", kv_type: str = "f16", flash_attn: bool = False, loader: str = "mmap",
          weight_type: int | None = None, progress: bool = False, graph: str = "fused",
-         n_batch: int = LLAMA_N_BATCH) -> Model:
+         n_batch: int = LLAMA_N_BATCH, lora=None, lora_scale: float = 1.0, threadpool: bool = False) -> Model:
     """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
 
     ``graph="fused"`` (default) builds llama.cpp's graph, all heads of a layer in one tensor, and
@@ -351,10 +436,13 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
     per-head graph, one position per graph. ``loader="mmap"`` points weights into the mapped file
     (no copy); ``loader="copy"`` takes the seed's legacy path (``realize_for`` + ``load_weights``)
     with 2-D weights at ``weight_type`` (default: the file's own type; 0 = F32, 8 = Q8_0).
-    ``kv_type="q8_0"`` also turns flash attention on, as in the seed.
+    ``kv_type="q8_0"`` also turns flash attention on, as in the seed. ``lora``: a LoRA-Q adapter
+    (llama.cpp LoRA GGUF path or a LoraAdapter) applied at ``lora_scale`` (see Model.set_lora).
     """
-    opts = EngineOptions(backend=backend, n_threads=n_threads or os.cpu_count(), kv_type=kv_type,
-                         flash_attn=flash_attn, graph=graph, n_batch=n_batch, loader=loader, weight_type=weight_type)
+    n_threads = os.cpu_count() if n_threads is None else n_threads   # 0 is refused, not read as "all"
+    opts = EngineOptions(backend=backend, n_threads=n_threads, kv_type=kv_type,
+                         flash_attn=flash_attn, graph=graph, n_batch=n_batch, loader=loader, weight_type=weight_type,
+                         threadpool=threadpool)
     if type(max_T) is not int or max_T < 1:
         raise ValueError(f"max_T must be a positive int, got {max_T!r}")
     if path is None:
@@ -367,6 +455,11 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
     with GGUFMeta(path) as meta:   # one parse of the header serves the config, the tokenizer and the weights
         cfg = load_config(meta)
         tok = Tokenizer.from_gguf(meta)
+        adapter = None if lora is None else _lora_adapter(lora, cfg)
+        if adapter is not None:   # its tensors are declared with the weights
+            from dataclasses import replace
+
+            opts = replace(opts, lora_q_slots=(adapter.rank, tuple(sorted(adapter.q))))
         cache = SmolLM2KVFFICache(options=opts)
         cache.apply_config(cfg)
         max_T = min(max_T, cfg.context_length) if cfg.context_length else max_T
@@ -380,4 +473,11 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
         except BaseException:
             cache.close()
             raise
-    return Model(path, cfg, cache, tok)
+    model = Model(path, cfg, cache, tok)
+    if adapter is not None:
+        try:
+            model.set_lora(adapter, lora_scale)
+        except BaseException:
+            model.close()
+            raise
+    return model

@@ -7,6 +7,9 @@ ubatch of positions in one fused graph; with tracing on, every graph is rebuilt 
 """
 from __future__ import annotations
 
+import operator
+import threading
+
 import numpy as np
 
 from .. import tinynn as tnn
@@ -19,6 +22,34 @@ from .inputs import GraphInputs
 from .interventions import dispatcher
 from .options import BACKENDS, EngineOptions
 from .weights import CopyWeights, MmapWeights, ModelWeights, declare_weights
+
+
+def check_token_ids(tokens, vocab: int, what: str) -> list[int]:
+    """``tokens`` (ints, numpy ints or an integer array) as a list of ids, each checked against the
+    vocabulary; floats, bools and strings are refused rather than truncated or parsed."""
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise TypeError(f"{what}: tokens must be a sequence of token ids, got {type(tokens).__name__}")
+    if isinstance(tokens, np.ndarray) and tokens.dtype.kind not in "iu":
+        raise TypeError(f"{what}: token ids must be integers, got an array of {tokens.dtype}")
+    ids = []
+    for t in tokens:
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"{what}: token ids must be ints, got {t!r} ({type(t).__name__}) at index {len(ids)}")
+        t = int(t)
+        if not 0 <= t < vocab:
+            raise ValueError(f"{what}: token id {t} at index {len(ids)} is outside the vocabulary (0..{vocab - 1})")
+        ids.append(t)
+    return ids
+
+
+def _serialised(method):
+    """Run ``method`` under the engine's lock: a second thread waits for the running graph (the
+    session, its graph arena and the KV cache are one mutable state), and close waits too."""
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    locked.__name__, locked.__qualname__, locked.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return locked
 
 
 class Engine:
@@ -44,12 +75,14 @@ class Engine:
         self.windows = frozenset(cfg.layer_window)   # one mask input per distinct layer window
         self._replay = None               # (padded KV length, inputs, logits) of the graph kept for replay
         self._inputs: GraphInputs | None = None   # those of the graph built last
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ realize
 
     def _declare(self, source) -> None:
         self.source = source
-        self.weights = declare_weights(self.sess, source, self.cfg, self.lora_rank, self.lora_adamw)
+        self.weights = declare_weights(self.sess, source, self.cfg, self.lora_rank, self.lora_adamw,
+                                       self.opts.lora_q_slots)
         kv = self.opts.kv_ggml_type
         self.cache = KVCache(self.sess, self.cfg.n_layers, self.cfg.n_kv, self.cfg.head_dim, self.max_T, kv, kv,
                              self.opts.flash_attn)
@@ -64,6 +97,8 @@ class Engine:
         self.sess = tnn.tnn_session_new(BACKENDS[self.opts.backend])
         if self.opts.n_threads:
             tnn.tnn_session_set_n_threads(self.sess, self.opts.n_threads)
+        if self.opts.threadpool:
+            tnn.tnn_session_set_threadpool(self.sess, 1)
         # llama.cpp keeps CPU matmul weights of some types (Q4_0, Q4_K, ... per CPU) in ggml's
         # interleaved CPU_REPACK layout; using it too runs the same kernels, so the same rounding
         tnn.tnn_session_set_weight_repack(self.sess, 1 if self.opts.repack_weights else 0)
@@ -137,15 +172,11 @@ class Engine:
             self.trace.collect(self.sess)
         return tnn.download(self.sess, logits).reshape(-1, self.cfg.vocab)
 
-    def _check_tokens(self, ids: np.ndarray) -> None:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab):
-            bad = int(ids[(ids < 0) | (ids >= self.cfg.vocab)][0])
-            raise ValueError(f"token id {bad} outside the vocabulary (size {self.cfg.vocab})")
-
+    @_serialised
     def step(self, token_id: int, pos: int, graph: str) -> np.ndarray:
         """Logits (vocab,) of ``token_id`` at ``pos``; the cache advances."""
-        ids = np.array([token_id], np.int64)
-        self._check_tokens(ids)
+        ids = np.array(check_token_ids([token_id], self.cfg.vocab, "step"), np.int64)
+        pos = operator.index(pos)
         if not 0 <= pos < self.max_T:
             raise ValueError(f"position {pos} outside the cache (max_T={self.max_T})")
         if graph == "per_head":
@@ -163,26 +194,50 @@ class Engine:
             _, inp, logits = self._replay
         return self.run(inp, logits, ids, [pos]).reshape(-1)
 
+    @_serialised
     def step_batch(self, token_ids, pos0: int, all_logits: bool = True) -> np.ndarray:
         """``token_ids`` at positions pos0, pos0+1, ... in one fused graph, as llama.cpp computes one
         ubatch: logits [n, vocab], or with ``all_logits=False`` the last position's [1, vocab] (the
         last layer then runs on that position alone, as llama.cpp's does)."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if isinstance(token_ids, np.ndarray):
+            token_ids = token_ids.reshape(-1)
+        ids = np.array(check_token_ids(token_ids, self.cfg.vocab, "step_batch"), np.int64)
+        pos0 = operator.index(pos0)
         n = ids.size
         if n == 0:
             return np.zeros((0, self.cfg.vocab), np.float32)
-        self._check_tokens(ids)
         if pos0 < 0 or pos0 + n > self.max_T:
             raise ValueError(f"positions {pos0}..{pos0 + n - 1} outside the cache (max_T={self.max_T})")
         inp = self.new_graph(n, pos0 + n - 1, masked=True, rows_as_inputs=True, last_only=not all_logits and n > 1)
         return self.run(inp, self.build(inp, "fused"), ids, np.arange(pos0, pos0 + n))
 
+    @_serialised
+    def set_lora_q(self, adapter, scale: float | None) -> None:
+        """Upload ``adapter`` (a LoraAdapter whose rank and layers are ``opts.lora_q_slots``) into the
+        inference LoRA-Q tensors and apply it with ``scale`` (llama.cpp's float32 alpha / rank *
+        lora_scale) from the next graph on; ``adapter=None`` stops applying it (the tensors stay)."""
+        if not self.realized:
+            raise RuntimeError("set_lora_q: the engine is not realized (or was closed)")
+        if adapter is not None:
+            for il, blk in enumerate(self.weights.layers):
+                if blk.t_lora_q_a is not None:
+                    a, b = adapter.q[il]
+                    tnn.upload(self.sess, blk.t_lora_q_a, a)
+                    tnn.upload(self.sess, blk.t_lora_q_b, b)
+        self.weights.lora_q_scale = None if adapter is None else float(scale)
+        self._replay = None   # the replayed decode graph holds the old scale / adapter term
+
     # ------------------------------------------------------------------ lifetime
 
+    @_serialised
     def close(self) -> None:
         """Free the session, then the mapping it points into."""
         self._replay = None
         self.cache = None
+        self.weights = None
+        if self._inputs is not None:     # the Python hooks of the last graph
+            dispatcher().release(self._inputs.hook_keys)
+            self._inputs = None
         if self.sess is not None:
             tnn.tnn_session_free(self.sess)
             self.sess = None

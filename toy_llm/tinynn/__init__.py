@@ -100,11 +100,45 @@ _NEVER_FAILS = {"tnn_null_ptr", "tnn_last_error", "tnn_clear_error", "tnn_type_n
 
 def _coerce(args):
     """None -> NULL and str -> bytes; only on the slow path, after cffi refused the raw args."""
-    return tuple(ffi.NULL if x is None else x.encode() if isinstance(x, str) else x for x in args)
+    # a list, not a generator: a tuple grown from a generator and unpacked into a cffi call is never
+    # freed (one leaked tuple per call, seen with cffi 2.1 on CPython 3.11; tests/test_leaks.py)
+    return tuple([ffi.NULL if x is None else x.encode() if isinstance(x, str) else x for x in args])
+
+
+# Host buffers the shim cannot size: (buffer argument, count argument, bytes per counted item). A
+# cffi array (ffi.new / ffi.from_buffer) knows its size, so a count past its end is refused here
+# instead of letting the shim read or write beyond it; a bare pointer (ffi.cast) is the caller's word.
+_HOST_BUFFERS = {
+    "tnn_tensor_set_f32": ((2, 3, 4),), "tnn_tensor_set_i32": ((2, 3, 4),), "tnn_tensor_set_raw": ((2, 3, 1),),
+    "tnn_tensor_get_f32": ((2, 3, 4),), "tnn_tensor_get_i32": ((2, 3, 4),), "tnn_tensor_get_raw": ((2, 3, 1),),
+    "tnn_upload_from_float_array": ((2, 3, 4),),
+    "tnn_quantize": ((2, 5, 1),), "tnn_dequantize": ((1, 4, 1), (2, 3, 4)),
+    "tnn_gguf_arr_copy": ((2, 3, 1),),
+}
+
+
+def _host_buffer_check(name: str, specs):
+    def check(args):
+        for ib, icount, unit in specs:
+            if len(args) <= max(ib, icount):
+                continue
+            buf, count = args[ib], args[icount]
+            if isinstance(buf, ffi.CData) and ffi.typeof(buf).kind == "array" and isinstance(count, int):
+                have = ffi.sizeof(buf)
+                if count * unit > have:
+                    raise TinyNNError(f"{name}: argument {icount} asks for {count * unit} bytes but the host buffer "
+                                      f"(argument {ib}) holds {have}")
+    return check
 
 
 def _make_wrapper(name: str, ctype: str, is_ptr: bool):
     fn = getattr(lib, name)
+    if name in _HOST_BUFFERS:
+        check, unchecked = _host_buffer_check(name, _HOST_BUFFERS[name]), fn
+
+        def fn(*args):
+            check(args)
+            return unchecked(*args)
 
     def raw(*args):
         try:
@@ -125,7 +159,7 @@ def _make_wrapper(name: str, ctype: str, is_ptr: bool):
             if r == null:
                 raise TinyNNError(last_error())
             return ffi.string(r).decode("utf-8", "replace")
-    elif ctype == "void":
+    elif ctype == "void" and not is_ptr:
         return raw
     else:
         floor = -1 if name in _ABSENT_IS_MINUS_ONE else 0
