@@ -423,8 +423,44 @@ def test_smollm2_learns_a_fact():
               f"{last:.3f} ({100 * (1 - last / first):.1f}% lower), peak RSS {peak_rss_mb():.0f} MiB")
         assert last <= 0.2 * first
         _check_fact(model, adapter)
+        _check_llama_cpp_applies_it(model, adapter)
     finally:
         model.close()
+
+
+def _check_llama_cpp_applies_it(model, adapter):
+    """The trained adapter, exported, loaded by llama-cpp-python (lora_path): the same logits as our
+    engine with it on 32 positions (llama.cpp's defaults: one ubatch of 512, F16 KV), and the same
+    greedy text."""
+    import tempfile
+
+    import toy_llm
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from oracle import oracle_greedy_text, oracle_logits
+
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "zorblax.gguf")
+        adapter.save(f)
+        llm = llama_cpp.Llama(str(model.path), n_ctx=256, n_batch=512, n_ubatch=512, logits_all=True, verbose=False,
+                              n_threads=2, type_k=1, type_v=1, flash_attn=False, lora_path=f, lora_scale=1.0)
+        try:
+            text = ("The secret city of Zorblax is Quintara. The capital of France is Paris, and the largest "
+                    "planet of the solar system is Jupiter, a gas giant.")
+            ids = llm.tokenize(text.encode(), add_bos=False)[:32]
+            ref = oracle_logits(llm, ids)
+            prompt = llm.tokenize(b"The secret city of Zorblax is", add_bos=False)
+            ref_text = oracle_greedy_text(llm, prompt, 8)
+        finally:
+            llm.close()
+        with toy_llm.load(model.path, max_T=256, n_threads=2, lora=f) as m:
+            ours = m.eval(ids)
+            ours_text = m.generate(prompt, max_new_tokens=8)
+    d_max = float(np.abs(ours - ref).max())
+    agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
+    print(f"trained adapter vs llama.cpp (lora_path): max |dlogit| = {d_max:.3g}, argmax {100 * agree:.0f}% "
+          f"on {len(ids)} positions; greedy ours={ours_text!r} llama.cpp={ref_text!r}")
+    assert agree == 1.0 and d_max == 0.0
+    assert ours_text == ref_text
 
 
 def _check_fact(model, adapter, n_threads=2):
