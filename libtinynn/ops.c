@@ -7,12 +7,6 @@
 #include <math.h>
 #include <string.h>
 
-#define PROLOGUE(fn)                                                     \
-    if (!tnn_check_session(sess, fn) || !tnn_check_graph_ready(sess, fn)) \
-        return NULL
-#define CHECK_T(t, name) \
-    if (!tnn_check_tensor(sess, t, fn, name)) return NULL
-
 static bool fail_shape(const char * fn, const char * why, const struct ggml_tensor * a, const struct ggml_tensor * b) {
     char sa[128] = "", sb[128] = "";
     if (a) tnn_shape_str(a, sa, sizeof sa);

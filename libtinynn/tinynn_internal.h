@@ -78,6 +78,14 @@ void tnn_train_free(tnn_session * sess);
 void tnn_set_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
 void tnn_install_log_hook(void);
 
+/* the first lines of every graph-op builder (ops.c, train.c): a live session with a graph being
+ * built (else NULL), and each tensor argument this session's */
+#define PROLOGUE(fn)                                                     \
+    if (!tnn_check_session(sess, fn) || !tnn_check_graph_ready(sess, fn)) \
+        return NULL
+#define CHECK_T(t, name) \
+    if (!tnn_check_tensor(sess, t, fn, name)) return NULL
+
 /* validation helpers (validate.c) */
 void tnn_live_session_add(tnn_session * sess);     /* the registry tnn_check_session consults */
 void tnn_live_session_remove(tnn_session * sess);

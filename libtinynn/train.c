@@ -20,12 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PROLOGUE(fn)                                                     \
-    if (!tnn_check_session(sess, fn) || !tnn_check_graph_ready(sess, fn)) \
-        return NULL
-#define CHECK_T(t, name) \
-    if (!tnn_check_tensor(sess, t, fn, name)) return NULL
-
 static bool want_f32(const char * fn, const char * arg, const struct ggml_tensor * t) {
     if (t->type != GGML_TYPE_F32) {
         tnn_set_error("%s: '%s' must be f32, got %s", fn, arg, ggml_type_name(t->type));

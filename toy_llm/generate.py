@@ -44,31 +44,38 @@ def token_stream(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
         raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
     if type(draft_max) is not int or draft_max < 1:
         raise ValueError(f"draft_max must be a positive int, got {draft_max!r}")
-    max_T = model.cache.max_T
     stats.update(stopped="max_new_tokens", drafted=0, accepted=0, verify_steps=0)
-    model.reset()
-    logits = model.eval(prompt_ids, all_logits=False)[-1]
-    history = list(prompt_ids)
-    n_out = 0
     if max_new_tokens == 0:
         return
-    pending = sampler.sample(logits, history)       # sampled, not yet in the KV cache
-    while True:
-        if pending in eog:
+    history = list(prompt_ids)
+    for tok in _decided(model, history, len(prompt_ids) + max_new_tokens, sampler, stats,
+                        draft_max if speculative else 0, ngram_max):
+        if tok in eog:
             stats["stopped"] = "eog"
             return
-        yield pending
-        history.append(pending)
-        n_out += 1
-        if n_out >= max_new_tokens:
+        yield tok
+        history.append(tok)
+        if len(history) - len(prompt_ids) >= max_new_tokens:
             return
+
+
+def _decided(model, history: list[int], max_len: int, sampler: Sampler, stats: dict, draft_max: int,
+             ngram_max: int) -> Iterator[int]:
+    """Each next token as it is decided (the caller appends it to ``history`` before asking for the
+    next): sampled from the last logits, or an accepted draft. The context never holds more than
+    ``max_len`` tokens; past the cache's end it stops with ``stats["stopped"] = "context"``."""
+    max_T = model.cache.max_T
+    model.reset()
+    tok = sampler.sample(model.eval(history, all_logits=False)[-1], history)   # not yet in the KV cache
+    while True:
+        yield tok
         if model.n_past >= max_T:
             stats["stopped"] = "context"
             return
-        room = min(max_new_tokens - n_out, max_T - model.n_past - 1)   # drafts that can still be used
-        draft = prompt_lookup_draft(history, min(draft_max, room), ngram_max) if speculative else []
+        room = min(max_len - len(history), max_T - model.n_past - 1)   # drafts that can still be used
+        draft = prompt_lookup_draft(history, min(draft_max, room), ngram_max)
         base = model.n_past
-        rows = model.eval([pending] + draft)         # row i: the distribution after pending, draft[:i]
+        rows = model.eval([tok] + draft)             # row i: the distribution after tok, draft[:i]
         stats["verify_steps"] += 1
         stats["drafted"] += len(draft)
         accepted = 0
@@ -76,18 +83,10 @@ def token_stream(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
             ok, tok = sampler.accept_draft(rows[i], history, d)
             if not ok:
                 break
-            if d in eog:
-                stats["stopped"] = "eog"
-                return
-            yield d
-            history.append(d)
-            n_out += 1
             accepted += 1
             stats["accepted"] += 1
-            if n_out >= max_new_tokens:
-                model.n_past = base + 1 + accepted
-                return
+            model.n_past = base + 1 + accepted       # drop the rejected drafts' positions
+            yield d
         else:
             tok = sampler.sample(rows[len(draft)], history)
-        model.n_past = base + 1 + accepted           # drop the rejected drafts' positions
-        pending = tok
+        model.n_past = base + 1 + accepted

@@ -71,8 +71,7 @@ def check_file_tensor(path: str, s: Slice, kind: str, typ: int, shape: tuple, no
                             f"{note or 'see toy_llm.gguf_load.ModelConfig'})")
     ok = WEIGHT_TYPES if kind in ("linear", "embed") else (tnn.GGML_TYPE_F32,)
     if typ not in ok:
-        name = tnn.lib.tnn_type_name(typ) if 0 <= typ < 1 << 16 else tnn.ffi.NULL
-        name = tnn.ffi.string(name).decode() if name != tnn.ffi.NULL else ""
+        name = tnn.tnn_type_name(typ) if 0 <= typ < 2**31 else ""   # "" for an unknown type id
         raise GGUFLoadError(f"{path}: tensor '{s.name}' has ggml type {typ} ({name or 'unknown'}), expected "
                             + ("F32" if kind not in ("linear", "embed") else
                                "a float or block-quantized weight type (F32, F16, BF16, Q4_0, ..., Q6_K, IQ*)"))
