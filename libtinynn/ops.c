@@ -307,7 +307,7 @@ tnn_tensor * tnn_view_1d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: ne0 must be positive and offset >= 0 (got %" PRId64 ", %" PRId64 ")", fn, ne0, offset);
         return NULL;
     }
-    if (!tnn_view_fits(fn, a, ne0, 1, 1, 0, 0, offset)) return NULL;
+    if (!tnn_view_fits(fn, a, ne0, 1, 1, 1, 0, 0, 0, offset)) return NULL;
     return ggml_view_1d(sess->ctx_c, a, ne0, (size_t) offset);
 }
 
@@ -319,7 +319,7 @@ tnn_tensor * tnn_view_2d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
         return NULL;
     }
-    if (!tnn_view_fits(fn, a, ne0, ne1, 1, nb1, 0, offset)) return NULL;
+    if (!tnn_view_fits(fn, a, ne0, ne1, 1, 1, nb1, 0, 0, offset)) return NULL;
     return ggml_view_2d(sess->ctx_c, a, ne0, ne1, (size_t) nb1, (size_t) offset);
 }
 
@@ -332,15 +332,28 @@ tnn_tensor * tnn_view_3d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
         tnn_set_error("%s: sizes and strides must be positive and offset >= 0", fn);
         return NULL;
     }
-    if (!tnn_view_fits(fn, a, ne0, ne1, ne2, nb1, nb2, offset)) return NULL;
+    if (!tnn_view_fits(fn, a, ne0, ne1, ne2, 1, nb1, nb2, 0, offset)) return NULL;
     return ggml_view_3d(sess->ctx_c, a, ne0, ne1, ne2, (size_t) nb1, (size_t) nb2, (size_t) offset);
 }
 
-static tnn_tensor * reshape(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2, int nd,
-                            const char * fn) {
+tnn_tensor * tnn_view_4d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                         int64_t nb1, int64_t nb2, int64_t nb3, int64_t offset) {
+    const char * fn = "tnn_view_4d";
     PROLOGUE(fn);
     CHECK_T(a, "a");
-    if (ne0 <= 0 || ne1 <= 0 || ne2 <= 0) {
+    if (ne0 <= 0 || ne1 <= 0 || ne2 <= 0 || ne3 <= 0 || nb1 <= 0 || nb2 <= 0 || nb3 <= 0 || offset < 0) {
+        tnn_set_error("%s: sizes and strides must be positive and offset >= 0", fn);
+        return NULL;
+    }
+    if (!tnn_view_fits(fn, a, ne0, ne1, ne2, ne3, nb1, nb2, nb3, offset)) return NULL;
+    return ggml_view_4d(sess->ctx_c, a, ne0, ne1, ne2, ne3, (size_t) nb1, (size_t) nb2, (size_t) nb3, (size_t) offset);
+}
+
+static tnn_tensor * reshape(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                            int nd, const char * fn) {
+    PROLOGUE(fn);
+    CHECK_T(a, "a");
+    if (ne0 <= 0 || ne1 <= 0 || ne2 <= 0 || ne3 <= 0) {
         tnn_set_error("%s: dimensions must be positive", fn);
         return NULL;
     }
@@ -348,12 +361,13 @@ static tnn_tensor * reshape(tnn_session * sess, tnn_tensor * a, int64_t ne0, int
         fail_shape(fn, "a must be contiguous (use tnn_cont first)", a, NULL);
         return NULL;
     }
-    int64_t n01 = 0, n012 = 0;
-    if (!tnn_add_mul_ok(&n01, ne0, ne1) || !tnn_add_mul_ok(&n012, n01, ne2) || ggml_nelements(a) != n012) {
+    int64_t n01 = 0, n012 = 0, n0123 = 0;
+    if (!tnn_add_mul_ok(&n01, ne0, ne1) || !tnn_add_mul_ok(&n012, n01, ne2) || !tnn_add_mul_ok(&n0123, n012, ne3) ||
+        ggml_nelements(a) != n0123) {
         char sa[128];
         tnn_shape_str(a, sa, sizeof sa);
-        tnn_set_error("%s: cannot reshape %s (%" PRId64 " elements) to [%" PRId64 ",%" PRId64 ",%" PRId64 "]", fn, sa,
-                      ggml_nelements(a), ne0, ne1, ne2);
+        tnn_set_error("%s: cannot reshape %s (%" PRId64 " elements) to [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "]",
+                      fn, sa, ggml_nelements(a), ne0, ne1, ne2, ne3);
         return NULL;
     }
     if (ne0 % ggml_blck_size(a->type) != 0) {
@@ -361,15 +375,20 @@ static tnn_tensor * reshape(tnn_session * sess, tnn_tensor * a, int64_t ne0, int
         return NULL;
     }
     if (nd == 2) return ggml_reshape_2d(sess->ctx_c, a, ne0, ne1);
-    return ggml_reshape_3d(sess->ctx_c, a, ne0, ne1, ne2);
+    if (nd == 3) return ggml_reshape_3d(sess->ctx_c, a, ne0, ne1, ne2);
+    return ggml_reshape_4d(sess->ctx_c, a, ne0, ne1, ne2, ne3);
 }
 
 tnn_tensor * tnn_reshape_2d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1) {
-    return reshape(sess, a, ne0, ne1, 1, 2, "tnn_reshape_2d");
+    return reshape(sess, a, ne0, ne1, 1, 1, 2, "tnn_reshape_2d");
 }
 
 tnn_tensor * tnn_reshape_3d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2) {
-    return reshape(sess, a, ne0, ne1, ne2, 3, "tnn_reshape_3d");
+    return reshape(sess, a, ne0, ne1, ne2, 1, 3, "tnn_reshape_3d");
+}
+
+tnn_tensor * tnn_reshape_4d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3) {
+    return reshape(sess, a, ne0, ne1, ne2, ne3, 4, "tnn_reshape_4d");
 }
 
 static bool want_float_layout(const char * fn, const struct ggml_tensor * a) {

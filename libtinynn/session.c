@@ -602,7 +602,7 @@ tnn_tensor * tnn_view_2d_persistent(tnn_session * sess, tnn_tensor * parent, int
         tnn_set_error("%s: ne0, ne1, nb1 must be positive and offset >= 0", fn);
         return NULL;
     }
-    if (!tnn_view_fits(fn, parent, ne0, ne1, 1, nb1, 0, offset)) return NULL;
+    if (!tnn_view_fits(fn, parent, ne0, ne1, 1, 1, nb1, 0, 0, offset)) return NULL;
     if (ctx == sess->ctx_repack && !check_repacked_view(sess, fn, parent, ne0, ne1, nb1, offset)) return NULL;
     return ggml_view_2d(ctx, parent, ne0, ne1, (size_t) nb1, (size_t) offset);
 }

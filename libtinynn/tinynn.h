@@ -150,8 +150,12 @@ tnn_tensor * tnn_view_1d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_
 tnn_tensor * tnn_view_2d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t nb1, int64_t offset);
 tnn_tensor * tnn_view_3d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
                          int64_t nb1, int64_t nb2, int64_t offset);
+/* ggml_view_4d: strides need not grow with the dimension (a KV cache's per-sequence streams) */
+tnn_tensor * tnn_view_4d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                         int64_t nb1, int64_t nb2, int64_t nb3, int64_t offset);
 tnn_tensor * tnn_reshape_2d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1);
 tnn_tensor * tnn_reshape_3d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2);
+tnn_tensor * tnn_reshape_4d(tnn_session * sess, tnn_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3);
 tnn_tensor * tnn_transpose(tnn_session * sess, tnn_tensor * a);                 /* swaps ne0/ne1, materialized */
 tnn_tensor * tnn_permute(tnn_session * sess, tnn_tensor * a, int ax0, int ax1, int ax2, int ax3);
 tnn_tensor * tnn_cont(tnn_session * sess, tnn_tensor * a);

@@ -107,6 +107,6 @@ bool tnn_ctx_has_room(struct ggml_context * ctx, const char * fn, const char * w
 bool tnn_add_mul_ok(int64_t * acc, int64_t a, int64_t b);
 /* does the view [ne0, ne1, ne2] (strides nb1, nb2, byte offset) lie inside a? */
 bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
-                   int64_t nb1, int64_t nb2, int64_t offset);
+                   int64_t ne3, int64_t nb1, int64_t nb2, int64_t nb3, int64_t offset);
 
 #endif

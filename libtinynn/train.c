@@ -96,7 +96,7 @@ tnn_tensor * tnn_acc(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, int64_t
         tnn_set_error("%s: strides and offset must be non-negative, below 2^31 and (offset) float-aligned", fn);
         return NULL;
     }
-    if (!tnn_view_fits(fn, a, b->ne[0], b->ne[1], b->ne[2], nb1, nb2, offset)) return NULL;
+    if (!tnn_view_fits(fn, a, b->ne[0], b->ne[1], b->ne[2], b->ne[3], nb1, nb2, 0, offset)) return NULL;
     return ggml_acc(sess->ctx_c, a, b, (size_t) nb1, (size_t) nb2, (size_t) nb3, (size_t) offset);
 }
 

@@ -155,7 +155,7 @@ bool tnn_add_mul_ok(int64_t * acc, int64_t a, int64_t b) {
  * ggml_view_* also asserts offset + the view's *contiguous* size <= nbytes(a).
  * All sums are overflow-checked: wrapped user sizes must not slip through. */
 bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2,
-                   int64_t nb1, int64_t nb2, int64_t offset) {
+                   int64_t ne3, int64_t nb1, int64_t nb2, int64_t nb3, int64_t offset) {
     char sa[128];
     if (ne0 % ggml_blck_size(a->type) != 0) {
         tnn_shape_str(a, sa, sizeof sa);
@@ -163,23 +163,26 @@ bool tnn_view_fits(const char * fn, const struct ggml_tensor * a, int64_t ne0, i
         return false;
     }
     int64_t unit = (int64_t) ggml_type_size(a->type);   /* bytes of one element, or of one block */
-    if (offset % unit != 0 || (ne1 > 1 && nb1 % unit != 0) || (ne2 > 1 && nb2 % unit != 0)) {
+    if (offset % unit != 0 || (ne1 > 1 && nb1 % unit != 0) || (ne2 > 1 && nb2 % unit != 0) ||
+        (ne3 > 1 && nb3 % unit != 0)) {
         tnn_shape_str(a, sa, sizeof sa);
-        tnn_set_error("%s: view offset %" PRId64 " / strides nb1 %" PRId64 ", nb2 %" PRId64 " of %s are not multiples "
-                      "of its %" PRId64 "-byte %s (a misaligned view)", fn, offset, nb1, nb2, sa, unit,
+        tnn_set_error("%s: view offset %" PRId64 " / strides nb1 %" PRId64 ", nb2 %" PRId64 ", nb3 %" PRId64 " of %s are "
+                      "not multiples of its %" PRId64 "-byte %s (a misaligned view)", fn, offset, nb1, nb2, nb3, sa, unit,
                       ggml_blck_size(a->type) > 1 ? "block" : "element");
         return false;
     }
     int64_t row = 0, last = offset, dense = offset;
     bool ok = tnn_add_mul_ok(&row, (int64_t) ggml_type_size(a->type), ne0 / ggml_blck_size(a->type)) &&
               tnn_add_mul_ok(&last, ne1 - 1, nb1) && tnn_add_mul_ok(&last, ne2 - 1, nb2) &&
-              tnn_add_mul_ok(&last, row, 1);
-    int64_t rows = 0;
-    ok = ok && tnn_add_mul_ok(&rows, ne1, ne2) && tnn_add_mul_ok(&dense, row, rows);
+              tnn_add_mul_ok(&last, ne3 - 1, nb3) && tnn_add_mul_ok(&last, row, 1);
+    int64_t rows = 0, rows3 = 0;
+    ok = ok && tnn_add_mul_ok(&rows, ne1, ne2) && tnn_add_mul_ok(&rows3, rows, ne3) &&
+         tnn_add_mul_ok(&dense, row, rows3);
     if (!ok || last > (int64_t) ggml_nbytes(a) || dense > (int64_t) ggml_nbytes(a)) {
         tnn_shape_str(a, sa, sizeof sa);
-        tnn_set_error("%s: view [%" PRId64 ",%" PRId64 ",%" PRId64 "] at offset %" PRId64 " (nb1 %" PRId64 ", nb2 %" PRId64
-                      ") ends past the end of %s (%zu bytes)", fn, ne0, ne1, ne2, offset, nb1, nb2, sa, ggml_nbytes(a));
+        tnn_set_error("%s: view [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "] at offset %" PRId64 " (nb1 %" PRId64
+                      ", nb2 %" PRId64 ", nb3 %" PRId64 ") ends past the end of %s (%zu bytes)", fn, ne0, ne1, ne2, ne3,
+                      offset, nb1, nb2, nb3, sa, ggml_nbytes(a));
         return false;
     }
     return true;

@@ -24,6 +24,7 @@ from .engine.options import LLAMA_N_BATCH, EngineOptions
 from .generate import token_stream
 from .gguf_load import ModelConfig, load_config
 from .sampling import Sampler, SamplerConfig
+from .sequences import Sequences
 from .tokenizer import Tokenizer
 
 
@@ -35,7 +36,7 @@ class Model:
         self.config = config
         self.cache = cache
         self.tokenizer = tokenizer
-        self.n_past = 0
+        self.seqs = Sequences(self, cache.options.n_seq)   # the KV cache's sequence slots; 0 is eval's
         self.last_stats: dict[str, float] = {}
         self._user_hooks: tuple = ()      # (matcher, Intervention) pairs of the open hooks() blocks
         self._control_hooks: tuple = ()   # the control vector's, as AddVector per layer
@@ -53,6 +54,15 @@ class Model:
     @property
     def options(self) -> EngineOptions:
         return self.cache.options
+
+    @property
+    def n_past(self) -> int:
+        """Positions in the context (sequence 0)."""
+        return self.seqs.lengths[0]
+
+    @n_past.setter
+    def n_past(self, n: int) -> None:
+        self.seqs.lengths[0] = n
 
     # ---------------------------------------------------------------- text
 
@@ -133,6 +143,11 @@ class Model:
         self._check_open("generate")
         if type(max_new_tokens) is not int or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+            if stream or speculative:
+                raise ValueError("generate: several prompts take neither stream nor speculative")
+            return self.generate_many(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                                      repeat_last_n, seed, stop, chat)
         it = self._generate(prompt, max_new_tokens, SamplerConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
             repeat_last_n=repeat_last_n, seed=seed), stop or [], chat, speculative, draft_max)
@@ -141,7 +156,18 @@ class Model:
         with self.lock:
             return "".join(it)
 
-    def _generate(self, prompt, max_new_tokens, scfg, stop, chat, speculative=None, draft_max=10) -> Iterator[str]:
+    def generate_many(self, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 40,
+                      top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+                      seed: int | None = None, stop: list[str] | None = None, chat: bool = False) -> list[str]:
+        """One continuation per prompt, decoded together in one graph per step (load with
+        ``n_seq`` >= len(prompts)); ``generate([...])`` calls this."""
+        self._check_open("generate")
+        scfg = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+        with self.lock:
+            return self._generate_many(list(prompts), max_new_tokens, scfg, stop or [], chat)
+
+    def _prompt_ids(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):
             if chat:
                 ids = self.tokenize(self.apply_chat_template([{"role": "user", "content": prompt}]),
@@ -155,6 +181,77 @@ class Model:
         if len(ids) > self.cache.max_T:
             raise ValueError(f"generate: the prompt has {len(ids)} tokens, more than the context "
                              f"(max_T={self.cache.max_T})")
+        return ids
+
+    def _generate_many(self, prompts: list, max_new_tokens: int, scfg: SamplerConfig, stop: list[str],
+                       chat: bool, share_prefix: bool = True) -> list[str]:
+        """One continuation per prompt, the sequences decoded together, as llama.cpp's parallel
+        example: the prompts' common prefix is evaluated once in sequence 0 and forked into the
+        others (``share_prefix``), the rest of every prompt goes in one batch, then each step is
+        one batch of one token of every unfinished sequence. Sampler k is seeded ``seed + k``."""
+        from dataclasses import replace as _replace
+
+        n_seq = self.seqs.n_seq
+        if not 0 < len(prompts) <= n_seq:
+            raise ValueError(f"generate: {len(prompts)} prompts for {n_seq} sequence slots (load with n_seq=...)")
+        ids = [self._prompt_ids(p, chat) for p in prompts]
+        samplers = [Sampler(_replace(scfg, seed=None if scfg.seed is None else scfg.seed + k)) for k in range(len(ids))]
+        eog = set(self.tokenizer.eog_ids)
+        seqs = self.seqs
+        seqs.clear()
+        t0 = time.perf_counter()
+        shared = _common_prefix(ids) if share_prefix and len(ids) > 1 else 0
+        logits: list = [None] * len(ids)
+        if shared:
+            last = seqs.eval(0, ids[0][:shared], all_logits=False)[-1]
+            for k in range(1, len(ids)):
+                seqs.copy(0, k)
+            logits = [last if len(x) == shared else None for x in ids]
+        else:
+            for _ in range(1, len(ids)):
+                seqs.add()      # 1, 2, ...: all are free after clear()
+        rest = [(k, x[shared:]) for k, x in enumerate(ids) if len(x) > shared]
+        if rest:
+            for (k, _), row in zip(rest, seqs.decode(rest)):
+                logits[k] = row
+        t_prompt = time.perf_counter() - t0
+        hist, out = [list(x) for x in ids], [[] for _ in ids]
+        active = list(range(len(ids)))
+        steps = 0
+        t1 = time.perf_counter()
+        while active and max_new_tokens > 0:
+            going = []
+            for k in active:
+                tok = samplers[k].sample(logits[k], hist[k])
+                if tok in eog:
+                    continue
+                out[k].append(tok)
+                hist[k].append(tok)
+                if len(out[k]) < max_new_tokens and seqs.lengths[k] < self.cache.max_T and \
+                        (not stop or _first_stop(self.detokenize(out[k]), stop) is None):
+                    going.append(k)
+            if not going:
+                break
+            rows = seqs.decode([(k, [hist[k][-1]]) for k in going])
+            steps += 1
+            for k, row in zip(going, rows):
+                logits[k] = row
+            active = going
+        dt = time.perf_counter() - t1
+        texts = []
+        for toks in out:
+            text = self.detokenize(toks)
+            cut = _first_stop(text, stop)
+            texts.append(text if cut is None else text[:cut])
+        n_gen = sum(len(o) for o in out)
+        self.last_stats = {"prompt_tokens": sum(len(x) for x in ids), "shared_prefix": shared,
+                           "prompt_s": t_prompt, "gen_tokens": n_gen, "gen_s": dt,
+                           "tok_per_s": n_gen / dt if dt > 0 else 0.0, "decode_steps": steps,
+                           "sequences": len(ids)}
+        return texts
+
+    def _generate(self, prompt, max_new_tokens, scfg, stop, chat, speculative=None, draft_max=10) -> Iterator[str]:
+        ids = self._prompt_ids(prompt, chat)
         sampler = Sampler(scfg)
         eog = set(self.tokenizer.eog_ids)
         gen_stats: dict = {}
@@ -413,6 +510,15 @@ def _first_stop(text: str, stop: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """The length of the longest prefix every list shares."""
+    n = min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != seqs[0][i] for x in seqs[1:]):
+            return i
+    return n
+
+
 def _stop_safe_len(text: str, stop: list[str]) -> int:
     """Length of ``text`` that cannot be the start of a stop string still being generated."""
     safe = len(text)
@@ -427,7 +533,8 @@ def _stop_safe_len(text: str, stop: list[str]) -> int:
 def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: int | None = None,
          backend: str = "cpu", kv_type: str = "f16", flash_attn: bool = False, loader: str = "mmap",
          weight_type: int | None = None, progress: bool = False, graph: str = "fused",
-         n_batch: int = LLAMA_N_BATCH, lora=None, lora_scale: float = 1.0, threadpool: bool = False) -> Model:
+         n_batch: int = LLAMA_N_BATCH, lora=None, lora_scale: float = 1.0, threadpool: bool = False,
+         n_seq: int = 1) -> Model:
     """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
 
     ``graph="fused"`` (default) builds llama.cpp's graph, all heads of a layer in one tensor, and
@@ -442,7 +549,7 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
     n_threads = os.cpu_count() if n_threads is None else n_threads   # 0 is refused, not read as "all"
     opts = EngineOptions(backend=backend, n_threads=n_threads, kv_type=kv_type,
                          flash_attn=flash_attn, graph=graph, n_batch=n_batch, loader=loader, weight_type=weight_type,
-                         threadpool=threadpool)
+                         threadpool=threadpool, n_seq=n_seq)
     if type(max_T) is not int or max_T < 1:
         raise ValueError(f"max_T must be a positive int, got {max_T!r}")
     if path is None:

@@ -67,7 +67,8 @@ def score(m, texts: Sequence[Union[str, Sequence[int]]], add_bos: bool | None = 
     ``texts``: a sequence of str (tokenized with ``m.tokenize(text, add_bos=add_bos)``; ``None``
     follows the GGUF's add_bos_token) or of token-id lists (used as given; ``add_bos`` does not
     apply). A single str is accepted as a one-element list. Each text is evaluated from an empty
-    context, independently of the others; the model's context is empty afterwards. A text longer
+    context, independently of the others; the model's context is empty afterwards. A model
+    loaded with ``n_seq`` > 1 evaluates up to n_seq texts at once, each in its own sequence. A text longer
     than the context (``m.cache.max_T``) raises ValueError.
     """
     if isinstance(texts, str):
@@ -77,6 +78,8 @@ def score(m, texts: Sequence[Union[str, Sequence[int]]], add_bos: bool | None = 
         if len(ids) > m.cache.max_T:
             raise ValueError(f"score: text {k} has {len(ids)} tokens, more than the context of "
                              f"{m.cache.max_T} (m.cache.max_T)")
+    if m.seqs.n_seq > 1:
+        return _score_batched(m, all_ids)
     out = []
     try:
         for ids in all_ids:
@@ -90,6 +93,27 @@ def score(m, texts: Sequence[Union[str, Sequence[int]]], add_bos: bool | None = 
             out.append(token_logprobs(logits[:-1], ids[1:]))
     finally:
         m.reset()
+    return out
+
+
+def _score_batched(m, all_ids: list[list[int]]) -> list[np.ndarray]:
+    """A model loaded with n_seq > 1 scores up to n_seq texts per llama_batch, text j of a group in
+    sequence j (m.seqs.decode; llama.cpp cuts such a batch into graphs of as many tokens of each
+    consecutive sequence, so the logits are those of llama.cpp decoding the same batch)."""
+    out: list = [np.empty(0, dtype=np.float64)] * len(all_ids)
+    todo = [k for k, ids in enumerate(all_ids) if len(ids) >= 2]
+    seqs = m.seqs
+    try:
+        for g in range(0, len(todo), seqs.n_seq):
+            group = todo[g:g + seqs.n_seq]
+            seqs.clear()
+            for _ in group[1:]:
+                seqs.add()
+            rows = seqs.decode([(j, all_ids[k]) for j, k in enumerate(group)], all_logits=True)
+            for k, logits in zip(group, rows):
+                out[k] = token_logprobs(logits[:-1], all_ids[k][1:])
+    finally:
+        seqs.clear()
     return out
 
 

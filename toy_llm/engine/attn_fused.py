@@ -35,12 +35,17 @@ def build(b: BuildContext, inp: GraphInputs, il: int, h):
               "attn.hook_k", il)
     cache.write_rows(il, cache.rotate_k(k, G * n), cache.rotate_v(v, G * n), n, inp.kv_rows, inp.v_idx)
     q, scale = finish_q(sess, q, cfg, cache, H * n)
-    # [d_head, tokens, heads], as llama.cpp permutes Q
-    q = tnn.tnn_reshape_3d(sess, q, Dh, 1, H) if n == 1 else \
-        tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, q, Dh, H, n), 0, 2, 1, 3)
+    # [d_head, tokens, heads], as llama.cpp permutes Q; with several sequence streams
+    # [d_head, tokens of a stream, heads, streams] (llama.cpp's build_attn_mha)
+    ns = inp.streams[1]
+    if ns > 1:
+        q = tnn.tnn_permute(sess, tnn.tnn_reshape_4d(sess, q, Dh, H, n // ns, ns), 0, 2, 1, 3)
+    else:
+        q = tnn.tnn_reshape_3d(sess, q, Dh, 1, H) if n == 1 else \
+            tnn.tnn_permute(sess, tnn.tnn_reshape_3d(sess, q, Dh, H, n), 0, 2, 1, 3)
     start, count, mask = inp.span(cfg.layer_window[il])
-    kh, vh = cache.history(il, None, start, count)
-    def read_probs(p):   # [length, tokens, heads], kept as [tokens, heads, length] (a copy, read only)
+    kh, vh = cache.history(il, None, start, count, inp.streams)
+    def read_probs(p):   # [length, tokens, heads(, streams)], kept as [tokens, heads, length] (a copy, read only)
         copy = b.tap(tnn.tnn_cont(sess, tnn.tnn_permute(sess, p, 0, 2, 1, 3)), "attn.hook_pattern", il)
         tnn.tnn_add_to_graph(sess, copy)    # a side branch: nothing downstream reads it
         return p

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import tinynn as tnn
 from ..gguf_load import ModelConfig
+from .batch import split_equal
 from .cache import KVCache
 from .context import BuildContext
 from .graph import forward
@@ -85,7 +86,7 @@ class Engine:
                                        self.opts.lora_q_slots)
         kv = self.opts.kv_ggml_type
         self.cache = KVCache(self.sess, self.cfg.n_layers, self.cfg.n_kv, self.cfg.head_dim, self.max_T, kv, kv,
-                             self.opts.flash_attn)
+                             self.opts.flash_attn, n_stream=self.opts.n_seq)
         for il, blk in enumerate(self.weights.layers):   # the seed keeps the cache's views on the block
             blk.t_K_layer, blk.t_V_layer = self.cache.k_layers[il], self.cache.v_layers[il]
             blk.t_K, blk.t_V = self.cache.k_heads[il], self.cache.v_heads[il]
@@ -131,7 +132,7 @@ class Engine:
     # ------------------------------------------------------------------ graphs
 
     def new_graph(self, n_tokens: int, last_pos: int, *, masked: bool, rows_as_inputs: bool,
-                  last_only: bool = False) -> GraphInputs:
+                  last_only: bool = False, streams: tuple[int, int] = (0, 1), outputs=None) -> GraphInputs:
         """Start a graph: drop the previous one, declare the new one's inputs."""
         ctx = self.context()
         tnn.tnn_reset_for_rebuild(self.sess)
@@ -139,7 +140,8 @@ class Engine:
         if self._inputs is not None:     # the Python hooks of the dropped graph
             dispatcher().release(self._inputs.hook_keys)
         self._inputs = GraphInputs.new(ctx.sess, ctx.cache, self.windows, n_tokens, last_pos, masked=masked,
-                                       rows_as_inputs=rows_as_inputs, last_only=last_only)
+                                       rows_as_inputs=rows_as_inputs, last_only=last_only, streams=streams,
+                                       outputs=outputs)
         self.trace.begin(self.sess, self._inputs)
         return self._inputs
 
@@ -184,21 +186,28 @@ class Engine:
             # llama.cpp's padded length behind a mask, so its sums round as llama.cpp's do
             inp = self.new_graph(1, pos, masked=not self.opts.flash_attn, rows_as_inputs=False)
             return self.run(inp, self.build(inp, graph), ids, [pos]).reshape(-1)
-        length = self.cache.padded_len(pos)
-        if self.trace.enabled or self._replay is None or self._replay[0] != length:
-            inp = self.new_graph(1, pos, masked=True, rows_as_inputs=True)
-            logits = self.build(inp, graph)
+        return self._replayed(ids, np.array([pos]), (0, 1)).reshape(-1)
+
+    def _replayed(self, ids, positions, streams, outputs=None) -> np.ndarray:
+        """A fused graph of ``ids`` at ``positions`` in ``streams`` (logits of the rows ``outputs``;
+        None: all), kept and replayed while its shape (tokens, streams, outputs, padded KV length)
+        stays the same."""
+        key = (ids.size, streams, outputs, self.cache.padded_len(int(positions.max())))
+        if self.trace.enabled or self._replay is None or self._replay[0] != key:
+            inp = self.new_graph(ids.size, int(positions.max()), masked=True, rows_as_inputs=True, streams=streams,
+                                 outputs=outputs)
+            logits = self.build(inp, "fused")
             if not self.trace.enabled:   # a traced graph keeps its taps as outputs: rebuild it each time
-                self._replay = (length, inp, logits)
+                self._replay = (key, inp, logits)
         else:
             _, inp, logits = self._replay
-        return self.run(inp, logits, ids, [pos]).reshape(-1)
+        return self.run(inp, logits, ids, positions)
 
     @_serialised
-    def step_batch(self, token_ids, pos0: int, all_logits: bool = True) -> np.ndarray:
-        """``token_ids`` at positions pos0, pos0+1, ... in one fused graph, as llama.cpp computes one
-        ubatch: logits [n, vocab], or with ``all_logits=False`` the last position's [1, vocab] (the
-        last layer then runs on that position alone, as llama.cpp's does)."""
+    def step_batch(self, token_ids, pos0: int, all_logits: bool = True, seq: int = 0) -> np.ndarray:
+        """``token_ids`` at positions pos0, pos0+1, ... of sequence slot ``seq`` in one fused graph,
+        as llama.cpp computes one ubatch: logits [n, vocab], or with ``all_logits=False`` the last
+        position's [1, vocab] (the last layer then runs on that position alone, as llama.cpp's does)."""
         if isinstance(token_ids, np.ndarray):
             token_ids = token_ids.reshape(-1)
         ids = np.array(check_token_ids(token_ids, self.cfg.vocab, "step_batch"), np.int64)
@@ -208,8 +217,77 @@ class Engine:
             return np.zeros((0, self.cfg.vocab), np.float32)
         if pos0 < 0 or pos0 + n > self.max_T:
             raise ValueError(f"positions {pos0}..{pos0 + n - 1} outside the cache (max_T={self.max_T})")
-        inp = self.new_graph(n, pos0 + n - 1, masked=True, rows_as_inputs=True, last_only=not all_logits and n > 1)
+        inp = self.new_graph(n, pos0 + n - 1, masked=True, rows_as_inputs=True, last_only=not all_logits and n > 1,
+                             streams=(self._seq(seq), 1))
         return self.run(inp, self.build(inp, "fused"), ids, np.arange(pos0, pos0 + n))
+
+    def _seq(self, seq) -> int:
+        seq = operator.index(seq)
+        if not 0 <= seq < self.opts.n_seq:
+            raise ValueError(f"sequence {seq} outside the cache's {self.opts.n_seq} sequences (load with n_seq=...)")
+        return seq
+
+    @_serialised
+    def step_seqs(self, token_ids, positions, seqs, logits=None) -> np.ndarray:
+        """A batch of tokens of several sequences (llama.cpp's llama_batch, one seq_id per token):
+        token i at ``positions[i]`` of sequence ``seqs[i]``, attending to its own sequence only.
+        The batch runs as llama.cpp cuts it (batch.split_equal: consecutive sequences, as many
+        tokens of each, per graph), so each token's logits are llama.cpp's. ``logits``: a flag per
+        token, whether its logits are wanted (llama_batch.logits; None: all). Returns the wanted
+        rows [k, vocab] in batch order."""
+        ids = np.array(check_token_ids(token_ids, self.cfg.vocab, "step_seqs"), np.int64)
+        positions = np.array([operator.index(p) for p in positions], np.int64)
+        seqs = [self._seq(q) for q in seqs]
+        n = ids.size
+        if not n == positions.size == len(seqs):
+            raise ValueError(f"step_seqs: {n} tokens, {positions.size} positions and {len(seqs)} sequences")
+        if n == 0:
+            return np.zeros((0, self.cfg.vocab), np.float32)
+        if positions.min() < 0 or positions.max() >= self.max_T:
+            raise ValueError(f"step_seqs: positions {positions.tolist()} outside a sequence of max_T={self.max_T}")
+        for q in set(seqs):   # llama.cpp: each sequence's positions in the batch follow one another
+            p = positions[[i for i, s in enumerate(seqs) if s == q]]
+            if np.any(np.diff(p) != 1):
+                raise ValueError(f"step_seqs: sequence {q}'s positions {p.tolist()} are not consecutive")
+        want = np.ones(n, bool) if logits is None else np.array([bool(x) for x in logits])
+        if want.size != n:
+            raise ValueError(f"step_seqs: {want.size} logits flags for {n} tokens")
+        out = np.empty((n, self.cfg.vocab), np.float32)
+        for idx in split_equal(seqs, self.opts.n_batch):
+            idx = np.array(idx)
+            streams = (seqs[idx[0]], len({seqs[i] for i in idx}))
+            rows = np.flatnonzero(want[idx])
+            if rows.size == idx.size:
+                out[idx] = self._replayed(ids[idx], positions[idx], streams)
+            else:   # the last layer runs on the wanted rows only (none wanted: any one row, dropped)
+                got = self._replayed(ids[idx], positions[idx], streams, tuple(rows.tolist()) or (idx.size - 1,))
+                out[idx[rows]] = got[:rows.size]
+        return out[want]
+
+    @_serialised
+    def copy_seq(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` positions of sequence ``src``'s K and V into sequence ``dst`` (llama.cpp's
+        llama_memory_seq_cp across streams, which copies the stream's buffers): ``dst`` then
+        continues from ``src``'s prefix without evaluating it again."""
+        src, dst, n = self._seq(src), self._seq(dst), operator.index(n)
+        if not 0 <= n <= self.max_T:
+            raise ValueError(f"copy_seq: {n} positions outside a sequence of max_T={self.max_T}")
+        if src == dst or n == 0:
+            return
+        self.context()
+        tnn.tnn_reset_for_rebuild(self.sess)
+        self._replay = None
+        if self._inputs is not None:
+            dispatcher().release(self._inputs.hook_keys)
+            self._inputs = None
+        last = None
+        for il in range(self.cfg.n_layers):
+            for h in range(self.cfg.n_kv):   # a head at a time: its K rows are contiguous (a Q8_0 copy needs it)
+                for a, b in zip(self.cache.history(il, h, 0, n, (src, 1)), self.cache.history(il, h, 0, n, (dst, 1))):
+                    last = tnn.tnn_cpy(self.sess, a, b)
+                    tnn.tnn_add_to_graph(self.sess, last)
+        tnn.tnn_realize(self.sess, last)
+        tnn.tnn_compute(self.sess)
 
     @_serialised
     def set_lora_q(self, adapter, scale: float | None) -> None:

@@ -74,23 +74,23 @@ def finish_q(sess, q, cfg: ModelConfig, cache: KVCache, n_vecs: int):
 def attend(sess, cache: KVCache, q, k, v, mask, scale: float, cap: float, probs_tap=None):
     """softmax(K q * scale + mask) V, as llama.cpp's build_attn_mha.
 
-    q: [d_head, tokens, query heads]; k, v: cache views [d_head, length, KV heads] (v transposed
-    [length, d_head, KV heads] for a v_trans cache; ggml gives query head h the KV head
+    q: [d_head, tokens, query heads(, streams)]; k, v: cache views [d_head, length, KV heads(,
+    streams)] (v transposed [length, d_head, KV heads(, streams)] for a v_trans cache; ggml gives query head h the KV head
     h // (query heads / KV heads), llama.cpp's GQA); mask: [length, tokens] or None. Returns the
     heads of each token joined: [d_head * query heads, tokens]. ``probs_tap(probs)`` sees the
     attention probabilities [length, tokens, heads] (plain attention only) and returns them."""
     Dh = cache.d_head
-    n_tok, n_q = tnn.tnn_tensor_ne(q, 1), tnn.tnn_tensor_ne(q, 2)
+    n_tok, n_q, ns = tnn.tnn_tensor_ne(q, 1), tnn.tnn_tensor_ne(q, 2), tnn.tnn_tensor_ne(q, 3)
     if cache.flash_attn:
         # llama.cpp: flash attention reads an F32 cache as F16 (it casts K and V), so do we
         if cache.type_k == GGML_TYPE_F32:
             k = tnn.tnn_cast(sess, k, GGML_TYPE_F16)
         if cache.type_v == GGML_TYPE_F32:
             v = tnn.tnn_cast(sess, v, GGML_TYPE_F16)
-        out = tnn.tnn_flash_attn_ext(sess, q, k, v, mask, scale, 0.0, cap)   # [d_head, heads, tokens]
-        heads = cache.rotate_v(tnn.tnn_reshape_2d(sess, out, Dh, n_q * n_tok), n_q * n_tok)
-        return tnn.tnn_reshape_2d(sess, heads, Dh * n_q, n_tok)
-    scores = tnn.tnn_matmul(sess, k, q)                                       # [length, tokens, heads]
+        out = tnn.tnn_flash_attn_ext(sess, q, k, v, mask, scale, 0.0, cap)   # [d_head, heads, tokens, streams]
+        heads = cache.rotate_v(tnn.tnn_reshape_2d(sess, out, Dh, n_q * n_tok * ns), n_q * n_tok * ns)
+        return tnn.tnn_reshape_2d(sess, heads, Dh * n_q, n_tok * ns)
+    scores = tnn.tnn_matmul(sess, k, q)                                       # [length, tokens, heads, streams]
     if mask is not None:
         # llama.cpp order: soft-cap the raw scores, then softmax(scores * scale + mask)
         probs = tnn.tnn_softmax_ext(sess, softcap(sess, scores, cap), mask, scale, 0.0)
@@ -98,11 +98,11 @@ def attend(sess, cache: KVCache, q, k, v, mask, scale: float, cap: float, probs_
         probs = tnn.tnn_softmax(sess, softcap(sess, tnn.tnn_scale(sess, scores, scale), cap))
     if probs_tap is not None:
         probs = probs_tap(probs)
-    v_t = v if cache.v_trans else tnn.tnn_transpose(sess, v)                  # [length, d_head, heads]
-    heads = tnn.tnn_matmul(sess, v_t, probs)                                  # [d_head, tokens, heads]
+    v_t = v if cache.v_trans else tnn.tnn_transpose(sess, v)                  # [length, d_head, heads, streams]
+    heads = tnn.tnn_matmul(sess, v_t, probs)                                  # [d_head, tokens, heads, streams]
     if n_tok > 1:
         heads = tnn.tnn_cont(sess, tnn.tnn_permute(sess, heads, 0, 2, 1, 3))
-    return tnn.tnn_reshape_2d(sess, heads, Dh * n_q, n_tok)
+    return tnn.tnn_reshape_2d(sess, heads, Dh * n_q, n_tok * ns)
 
 
 def ffn_act(sess, t, cfg: ModelConfig):

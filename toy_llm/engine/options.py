@@ -33,6 +33,7 @@ class EngineOptions:
     weight_type: int | None = None
     repack_weights: bool = True   # CPU: matmul weights in ggml's CPU_REPACK layout where llama.cpp uses it
     threadpool: bool = False      # CPU: keep the worker threads between computes (README, "Speed")
+    n_seq: int = 1                # sequence slots in the KV cache (max_T cells each), fused graph only
     # (rank, layers) of an inference LoRA-Q adapter: its F32 A / B are declared with the weights
     lora_q_slots: tuple[int, tuple[int, ...]] | None = None
 
@@ -50,6 +51,10 @@ class EngineOptions:
             bad("graph", f"one of {GRAPHS}")
         if type(self.n_batch) is not int or self.n_batch < 1:
             bad("n_batch", "a positive int")
+        if type(self.n_seq) is not int or self.n_seq < 1:
+            bad("n_seq", "a positive int")
+        if self.n_seq > 1 and self.graph != "fused":
+            bad("n_seq", "1 with the per-head graph (several sequences need the fused graph)")
         if self.loader not in LOADERS:
             bad("loader", f"one of {LOADERS}")
         if self.weight_type is not None and (type(self.weight_type) is not int or self.weight_type < 0):
