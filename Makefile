@@ -5,7 +5,8 @@
 #   make demo       the above + the default SmolLM2 model, greedy "The capital of France is"
 #   make CUDA=1     add ggml's CUDA backend (CUDA_ARCH=90 by default; CUDA_CMAKE_ARGS=... passes
 #                   more to ggml's cmake, by default what scripts/cuda-cmake-args.sh finds)
-#   make bench      call overhead; prompt and decode speed of the fused (default) and per-head graphs
+#   make bench      the bench table for SmolLM2: start-up, prefill, decode, parallel, speculative, peak RSS of
+#                   the fused and per-head graphs against llama-cpp-python (BENCH_ARGS="-t 2 --markdown" adds flags)
 #   make fuzz       the GGUF loader fuzz campaign at full size: FUZZ_N mutated tiny models (default 20000)
 #                   + FUZZ_MODEL_N SmolLM2 header mutations, each loaded + evaluated in a forked child
 #   make asan       ggml + libtinynn under AddressSanitizer + UBSan (build/ggml-asan, build/asan/), then the
@@ -163,8 +164,7 @@ demo: all $(SMOLLM2)
 	$(VPY) -m toy_llm generate "The capital of France is" -n 24
 
 bench: all $(VENV)/.oracle $(SMOLLM2)
-	$(VPY) -m toy_llm bench --llama-cpp
-	$(VPY) -m toy_llm bench --graph per_head | grep -v "call overhead"
+	$(VPY) -m toy_llm bench -m $(SMOLLM2) $(BENCH_ARGS)
 
 FUZZ_N       ?= 20000
 FUZZ_SEED    ?= 0

@@ -170,14 +170,16 @@ def test_q8_0_cache_sequences_match_llama_batch(synth, layout):
     assert agree == 1.0 and d == 0.0
 
 
-def test_generate_many_matches_llama_batch(smol_ids):
+@pytest.mark.parametrize("stop", [None, "."])
+def test_generate_many_matches_llama_batch(stop):
     """generate([...]) end to end, greedy: the shared prefix once in sequence 0 and copied, the rest
-    of the prompts in one batch, then one batch per step; llama.cpp doing the same gives the same
-    texts."""
+    of the prompts in one batch, then one batch per step, finished sequences' slots refilled by
+    moving the last one down (with stop=".", sequences finish at different steps); llama.cpp
+    doing the same gives the same texts."""
     prompts = ["The capital of France is", "The capital of Italy is", "The capital of Spain is", "The capital of"]
     n_new = 12
     with toy_llm.load(MODEL, max_T=SEQ_LEN, n_threads=os.cpu_count(), n_seq=N_SEQ) as m:
-        ours = m.generate(prompts, max_new_tokens=n_new)
+        ours = m.generate(prompts, max_new_tokens=n_new, stop=[stop] if stop else None)
         stats = dict(m.last_stats)
         ids = [m.tokenize(p) for p in prompts]
         eog = set(m.tokenizer.eog_ids)
@@ -185,33 +187,45 @@ def test_generate_many_matches_llama_batch(smol_ids):
     shared = stats["shared_prefix"]
     assert shared == len(ids[3]) and shared >= 3
     ref = BatchOracle(MODEL, N_SEQ, SEQ_LEN, os.cpu_count())
+    moves = 0
     try:
         last = ref.decode([(0, ids[0][:shared])], last_only=True)[0]
         for s in range(1, N_SEQ):
             ref.copy(0, s)
-        logits = {s: last for s in range(N_SEQ)}
-        rest = [(s, x[shared:]) for s, x in enumerate(ids) if len(x) > shared]
-        logits.update({s: r for (s, _), r in zip(rest, ref.decode(rest, last_only=True))})
-        out, active = [[] for _ in ids], list(range(N_SEQ))
+        logits = {k: last for k in range(N_SEQ)}
+        rest = [(k, x[shared:]) for k, x in enumerate(ids) if len(x) > shared]
+        logits.update({k: r for (k, _), r in zip(rest, ref.decode(rest, last_only=True))})
+        out, active, slot = [[] for _ in ids], list(range(N_SEQ)), list(range(N_SEQ))
         while active:
             going = []
-            for s in active:
-                tok = int(logits[s].argmax())
+            for k in active:
+                tok = int(logits[k].argmax())
                 if tok in eog:
                     continue
-                out[s].append(tok)
-                if len(out[s]) < n_new:
-                    going.append(s)
+                out[k].append(tok)
+                if len(out[k]) < n_new and not (stop and stop in detok(out[k])):
+                    going.append(k)
             if not going:
                 break
-            logits.update({s: r for s, r in zip(going, ref.decode([(s, [out[s][-1]]) for s in going],
-                                                                   last_only=True))})
+            free = sorted(slot[k] for k in active if slot[k] < len(going) and k not in going)
+            for k, dst in zip([k for k in going if slot[k] >= len(going)], free):
+                ref.copy(slot[k], dst)
+                lc.llama_memory_seq_rm(ref.mem, slot[k], -1, -1)
+                slot[k] = dst
+                moves += 1
+            going.sort(key=slot.__getitem__)
+            rows = ref.decode([(slot[k], [out[k][-1]]) for k in going], last_only=True)
+            logits.update(dict(zip(going, rows)))
             active = going
     finally:
         ref.close()
     theirs = [detok(o) for o in out]
-    print(f"\ngenerate([4 prompts]) vs llama_batch: {sum(a == b for a, b in zip(ours, theirs))}/4 texts equal, "
-          f"shared prefix {shared} tokens, {stats['decode_steps']} decode steps; {ours}")
+    if stop:
+        theirs = [t[:t.index(stop)] if stop in t else t for t in theirs]
+        assert moves > 0
+    print(f"\ngenerate([4 prompts], stop={stop!r}) vs llama_batch: {sum(a == b for a, b in zip(ours, theirs))}/4 "
+          f"texts equal, shared prefix {shared} tokens, {stats['decode_steps']} decode steps, {moves} slot moves; "
+          f"{ours}")
     assert ours == theirs
 
 
@@ -279,3 +293,15 @@ def test_sequences_are_checked(synth):
         assert m.seqs.fork(0) == 1 and m.seqs.lengths[1] == m.n_past
     with pytest.raises(ValueError, match="n_seq"):
         toy_llm.load(synth["llama"], n_seq=2, graph="per_head")
+
+
+def test_cli_generates_several_prompts_together(synth, capsys):
+    from toy_llm.cli import main as cli_main
+
+    prompts = ["The river", "A small"]
+    assert cli_main(["generate", *prompts, "-n", "6", "-m", str(synth["llama"]), "--max-t", "64", "-t", "1"]) == 0
+    printed = capsys.readouterr()
+    with toy_llm.load(synth["llama"], max_T=64, n_threads=1, n_seq=2) as m:
+        texts = m.generate(prompts, max_new_tokens=6)
+    assert printed.out.splitlines()[0] == f"[0] {prompts[0]}{texts[0]}".splitlines()[0]
+    assert f"[1] {prompts[1]}" in printed.out and "2 sequences" in printed.err

@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("cpu", "cuda", "metal"), default="cpu",
                    help="ggml backend; falls back to CPU when not compiled in (default cpu)")
     p.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16",
-                   help="KV cache type; q8_0 also turns flash attention on (default f32)")
+                   help="KV cache type; q8_0 also turns flash attention on (default f16)")
     p.add_argument("--flash-attn", action="store_true", help="use ggml_flash_attn_ext for attention")
     p.add_argument("--graph", choices=GRAPHS, default="fused",
                    help="fused: all heads of a layer in one tensor, llama.cpp's graph (default); per_head: "
@@ -40,10 +40,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "them in every compute, as llama.cpp does by default")
 
 
-def _load(args):
+def _load(args, n_seq: int = 1):
     from . import load
 
-    return load(args.model, max_T=args.max_t, n_threads=args.threads, backend=args.backend,
+    return load(args.model, max_T=args.max_t, n_seq=n_seq, n_threads=args.threads, backend=args.backend,
                 kv_type=args.kv_type, flash_attn=args.flash_attn, loader=args.loader, graph=args.graph,
                 n_batch=args.batch, progress=args.loader == "copy", threadpool=args.threadpool, lora=getattr(args, "lora", None),
                 lora_scale=getattr(args, "lora_scale", 1.0))
@@ -60,7 +60,10 @@ def _control_vector(m, spec: str) -> None:
 
 
 def cmd_generate(args) -> int:
+    if len(args.prompt) > 1:
+        return _generate_parallel(args)
     m = _load(args)
+    args.prompt = args.prompt[0]
     with m:
         for spec in args.control_vector:
             _control_vector(m, spec)
@@ -79,6 +82,26 @@ def cmd_generate(args) -> int:
               f"{s['tok_per_s']:.1f} tok/s; backend {args.backend}, kv {args.kv_type}"
               + (f"; {s['accepted']}/{s['drafted']} drafts accepted" if args.speculative else "") + "]",
               file=sys.stderr)
+    return 0
+
+
+def _generate_parallel(args) -> int:
+    """Several prompts: decoded together, one sequence each (load(n_seq=...), generate([...]))."""
+    if args.speculative:
+        raise SystemExit("generate: --speculative takes one prompt")
+    m = _load(args, n_seq=len(args.prompt))
+    with m:
+        for spec in args.control_vector:
+            _control_vector(m, spec)
+        texts = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temp, top_k=args.top_k,
+                           top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                           seed=args.seed, stop=args.stop, chat=args.chat)
+        for k, (prompt, text) in enumerate(zip(args.prompt, texts)):
+            print(f"[{k}] {text}" if args.chat or args.quiet_prompt else f"[{k}] {prompt}{text}")
+        s = m.last_stats
+        print(f"[{len(texts)} sequences: {s['prompt_tokens']} prompt tokens ({s['shared_prefix']} shared) in "
+              f"{s['prompt_s']:.2f} s; {s['gen_tokens']} generated in {s['decode_steps']} steps, "
+              f"{s['tok_per_s']:.1f} tok/s in all; backend {args.backend}, kv {args.kv_type}]", file=sys.stderr)
     return 0
 
 
@@ -120,6 +143,12 @@ BENCH_PROMPT = ("The history of the printing press begins in the fifteenth centu
 
 
 def cmd_bench(args) -> int:
+    """The bench table (toy_llm.bench) by default; the older single-process sections with
+    --overhead, --llama-cpp, --hooks or --speculative."""
+    if not (args.overhead or args.llama_cpp or args.hooks or args.speculative):
+        from . import bench
+
+        return bench.main(args)
     from . import tinynn as tnn
 
     # per-call overhead of the binding (API mode vs ABI mode), cheapest call in the shim
@@ -137,7 +166,7 @@ def cmd_bench(args) -> int:
     calls = (("ABI mode, raw", lambda: abi.tnn_tensor_ne(abi_tens, 0)),
              (f"{tnn.MODE.upper()} mode, raw", lambda: tnn.lib.tnn_tensor_ne(tens, 0)),
              (f"{tnn.MODE.upper()} mode, checked", lambda: tnn.tnn_tensor_ne(tens, 0)))
-    for label, fn in calls:
+    for label, fn in calls if args.overhead else ():
         t = time.perf_counter()
         for _ in range(n):
             fn()
@@ -193,6 +222,7 @@ def _bench_speculative(m, args, rounds: int = 3) -> None:
     if llama_cpp is not None:
         kv = KV_TYPES[args.kv_type]
         common = dict(n_ctx=1024, n_batch=_batch(m), n_ubatch=_batch(m), verbose=False, n_threads=m.cache.n_threads,
+                      n_threads_batch=m.cache.n_threads,
                       type_k=kv, type_v=kv, flash_attn=args.flash_attn or args.kv_type == "q8_0")
         plain = llama_cpp.Llama(str(m.path), **common)
         lookup = llama_cpp.Llama(str(m.path), draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), **common)
@@ -277,7 +307,7 @@ def _bench_llama_cpp(m, args, ids) -> None:
         raise SystemExit("--llama-cpp needs llama-cpp-python (installed by `make test`)")
     kv = KV_TYPES[args.kv_type]
     llm = llama_cpp.Llama(str(m.path), n_ctx=512, n_batch=_batch(m), n_ubatch=_batch(m), verbose=False,
-                          n_threads=m.cache.n_threads, type_k=kv, type_v=kv,
+                          n_threads=m.cache.n_threads, n_threads_batch=m.cache.n_threads, type_k=kv, type_v=kv,
                           flash_attn=args.flash_attn or args.kv_type == "q8_0")
 
     def eval_last(toks):
@@ -381,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (greedy by default) and print tok/s",
                        description="Continue PROMPT with the model. Greedy unless --temp > 0.")
-    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("prompt", nargs="+", help="the prompt text; several prompts are decoded together, one "
+                                             "sequence each, in one graph per step")
     g.add_argument("-n", type=int, default=64, help="maximum new tokens (default 64)")
     g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
     g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens (default 40)")
@@ -410,15 +441,46 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="GGUF file")
     i.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", help="binding call overhead (API vs ABI) and decode tok/s")
-    b.add_argument("-n", type=int, default=32, help="decode tokens to time (default 32)")
+    b = sub.add_parser(
+        "bench", help="one table: start-up, prefill, decode, parallel, speculative, peak RSS vs llama-cpp-python",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print one table: rows = measurements, columns = toy_llm's fused graph, its per-head graph and\n"
+                    "llama-cpp-python (same file, token ids, threads, KV type, n_batch = n_ubatch = 512), with the\n"
+                    "ratios toy_llm / llama-cpp-python when llama_cpp is installed. Rows:\n"
+                    "  1 start-up to first token: a new process (interpreter, import, load, tokenize, eval, argmax)\n"
+                    "  2 prefill of 512 tokens, 3 decode of 128 greedy tokens right after it\n"
+                    "  4 decode of 64 tokens at position 1500\n"
+                    "  5 8 parallel greedy generations x 64 tokens (ours: generate([...]) with n_seq=8, one graph per\n"
+                    "    step; llama-cpp-python: the 8 prompts one after another), aggregate tok/s incl. prompts\n"
+                    "  6 an input-grounded task (repeat a passage): plain greedy, and prompt-lookup speculation\n"
+                    "    (ours, and llama-cpp-python's LlamaPromptLookupDecoding), with the acceptance rate\n"
+                    "  7 peak RSS of a process at max_T = n_ctx = 8192, KV F32 and Q8_0 (+ flash attention)\n"
+                    "Each (round, measurement, engine) is a fresh process; rounds are interleaved and every cell\n"
+                    "is the median of --rounds. The per-head graph (one position per graph) shows n/a in rows 4-6.\n"
+                    "About 5 minutes for SmolLM2-135M on 2 threads. The table reads -m, -t, --kv-type (rows 1-6)\n"
+                    "and --threadpool; the other model options are the old sections'.\n\n"
+                    "The older single-process sections: --overhead (binding call overhead, and one prompt/decode\n"
+                    "line of --graph), --llama-cpp, --hooks, --speculative (each with that line).")
+    b.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median taken (default 3; 1 with --quick)")
+    b.add_argument("--rows", default=None, metavar="LIST",
+                   help="comma-separated subset of startup,prefill,deep,parallel,speculative,rss (default all; "
+                        "prefill gives the prefill and decode rows)")
+    b.add_argument("--graphs", default=None, metavar="LIST",
+                   help="toy_llm graphs to bench: fused,per_head (default both)")
+    b.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 round, small sizes (prefill 64, decode 16, position 128, 16 tokens per "
+                        "parallel sequence, RSS at max_T 2048)")
+    b.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
+    b.add_argument("--overhead", action="store_true",
+                   help="old section: binding call overhead (API vs ABI mode) and one prompt/decode line")
+    b.add_argument("-n", type=int, default=32, help="old sections: decode tokens to time (default 32)")
     b.add_argument("--llama-cpp", action="store_true",
-                   help="time llama-cpp-python too, same file, tokens, threads, KV type and batch")
+                   help="old section: time llama-cpp-python too, same file, tokens, threads, KV type and batch")
     b.add_argument("--hooks", action="store_true",
-                   help="decode speed with no hook, a built-in intervention and Python hooks")
+                   help="old section: decode speed with no hook, a built-in intervention and Python hooks")
     _add_model_args(b)
     b.add_argument("--speculative", action="store_true",
-                   help="also time prompt-lookup speculative decoding on an input-grounded prompt, against "
+                   help="old section: prompt-lookup speculative decoding on an input-grounded prompt, against "
                         "llama-cpp-python's plain decoding and its LlamaPromptLookupDecoding when installed")
     b.set_defaults(func=cmd_bench)
 
@@ -457,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--prompt", required=True, help="prompt text (tokenized with the GGUF's BOS rule)")
     pa.add_argument("--layers", action="store_true", help="per-layer tensor table and first divergence")
     pa.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16",
-                    help="KV cache type on both sides; q8_0 also turns flash attention on (default f32)")
+                    help="KV cache type on both sides; q8_0 also turns flash attention on (default f16)")
     pa.add_argument("--flash-attn", action="store_true", help="flash attention on both sides")
     pa.add_argument("--graph", choices=GRAPHS, default="fused", help="our attention block (default fused)")
     pa.add_argument("-n", type=int, default=None,

@@ -217,6 +217,7 @@ class Model:
         t_prompt = time.perf_counter() - t0
         hist, out = [list(x) for x in ids], [[] for _ in ids]
         active = list(range(len(ids)))
+        slot = list(range(len(ids)))          # the sequence each prompt is in
         steps = 0
         t1 = time.perf_counter()
         while active and max_new_tokens > 0:
@@ -227,12 +228,21 @@ class Model:
                     continue
                 out[k].append(tok)
                 hist[k].append(tok)
-                if len(out[k]) < max_new_tokens and seqs.lengths[k] < self.cache.max_T and \
+                if len(out[k]) < max_new_tokens and seqs.lengths[slot[k]] < self.cache.max_T and \
                         (not stop or _first_stop(self.detokenize(out[k]), stop) is None):
                     going.append(k)
             if not going:
                 break
-            rows = seqs.decode([(k, [hist[k][-1]]) for k in going])
+            # keep the unfinished sequences in slots 0..n-1: llama.cpp puts only consecutive
+            # sequence ids in one graph, so a gap would split every later step into two graphs
+            n = len(going)
+            free = sorted(slot[k] for k in active if slot[k] < n and k not in going)
+            for k, dst in zip([k for k in going if slot[k] >= n], free):
+                seqs.copy(slot[k], dst)
+                seqs.drop(slot[k])
+                slot[k] = dst
+            going.sort(key=slot.__getitem__)
+            rows = seqs.decode([(slot[k], [hist[k][-1]]) for k in going])
             steps += 1
             for k, row in zip(going, rows):
                 logits[k] = row
