@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import re
+from array import array
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -716,7 +717,8 @@ _WORD_CACHE_LIMIT = 1 << 16
 
 def _ids_with(attrs: list[int], mask: int) -> list[int]:
     """Ascending ids whose attribute has any bit of ``mask`` (one vectorised pass)."""
-    a = np.fromiter(attrs, dtype=np.int64, count=len(attrs))
+    a = np.frombuffer(attrs, dtype=np.int32) if isinstance(attrs, array) else \
+        np.fromiter(attrs, dtype=np.int64, count=len(attrs))
     return np.flatnonzero(a & mask).tolist()
 
 
@@ -835,19 +837,22 @@ class Tokenizer:
                     texts[i] = f"[EMPTY_{i}]"
         self._texts = texts
         scores = meta.get("tokenizer.ggml.scores")
-        self._scores = (np.asarray(scores, dtype=np.float32)[:n].tolist()
-                        if scores is not None else [0.0] * n)
+        # compact arrays, not lists of Python numbers: 262k-token vocabularies (Gemma) would
+        # spend ~10 MiB on float and list objects (README, peak RSS)
+        self._scores = array("f", np.asarray(scores, dtype=np.float32)[:n].tobytes()) if scores is not None \
+            else array("f", bytes(4 * n))
         if len(self._scores) < n:
             raise ValueError("tokenizer.ggml.scores is shorter than the vocab")
         types = meta.get("tokenizer.ggml.token_type")
         if types is None:
-            self._attrs = [ATTR_NORMAL] * n
+            self._attrs = array("i", [ATTR_NORMAL]) * n
         else:
             t = np.asarray(types)[:n].astype(np.int64)
             if len(t) < n:
                 raise ValueError("tokenizer.ggml.token_type is shorter than the vocab")
             known = (t >= 0) & (t < len(_TOKEN_TYPE_ATTR_LUT))
-            self._attrs = np.where(known, _TOKEN_TYPE_ATTR_LUT[np.where(known, t, 0)], ATTR_UNDEFINED).tolist()
+            self._attrs = array("i", np.where(known, _TOKEN_TYPE_ATTR_LUT[np.where(known, t, 0)],
+                                              ATTR_UNDEFINED).astype(np.int32).tobytes())
         # later duplicates win, like token_to_id[word] = i in llama.cpp
         self._token_to_id = dict(zip(texts, range(n)))
 
