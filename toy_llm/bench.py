@@ -428,9 +428,21 @@ def run_table(model: str, threads: int, rounds: int = 3, groups=GROUPS, graphs=(
               ("KV type", f"{kv_type} (the peak RSS rows: theirs), n_batch = n_ubatch = 512, "
                           f"threadpool {'on' if threadpool else 'off'}"),
               ("method", f"one fresh process per (round, measurement, engine), interleaved, median of {rounds} "
-                         f"round{'s' if rounds != 1 else ''}; the whole run took {time.time() - t_all:.0f} s")]
+                         f"round{'s' if rounds != 1 else ''}; ratios: the median of the rounds' ratios; the whole "
+                         f"run took {time.time() - t_all:.0f} s")]
     return {"header": header, "rows": rows, "cells": cells, "runs": runs, "results": results, "errors": errors,
             "engines": engines, "sizes": sizes, "rounds": rounds, "work": work}
+
+
+def _ratio(t: dict, key: str, engine: str):
+    """The median over rounds of each round's ours / llama-cpp-python (the two measured minutes
+    apart, so the machine's drift over the run cancels); the ratio of the medians when a worker
+    failed and the rounds do not pair up."""
+    ours, theirs = t["runs"].get((key, engine), []), t["runs"].get((key, "llama_cpp"), [])
+    if ours and len(ours) == len(theirs) and all(theirs):
+        return _median([a / b for a, b in zip(ours, theirs)])
+    c = t["cells"][key]
+    return None if c[engine] is None or not c["llama_cpp"] else c[engine] / c["llama_cpp"]
 
 
 def _fmt(v, key: str) -> str:
@@ -452,7 +464,8 @@ def table_lines(t: dict, markdown: bool = False) -> list[str]:
         label = row.label[:-1] + ", lower is better)" if row.lower_is_better else row.label
         line = [label] + [_fmt(c[e], row.key) for e in engines]
         for e in ratio_cols:
-            line.append("n/a" if c[e] is None or not c["llama_cpp"] else f"{c[e] / c['llama_cpp']:.2f}x")
+            r = None if c[e] is None else _ratio(t, row.key, e)
+            line.append("n/a" if r is None else f"{r:.2f}x")
         body.append(line)
     out = []
     if markdown:
