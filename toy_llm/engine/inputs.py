@@ -95,7 +95,8 @@ class GraphInputs:
     def constant(self, sess, value):
         """An F32 input holding ``value`` (an array, or a function of the graph's positions giving
         one, e.g. a patch's rows), uploaded with the other inputs: 1-D [n], or [k, rows] for 2-D."""
-        first = np.arange(self.last_pos - self.n_tokens + 1, self.last_pos + 1, dtype=np.int32)
+        # positions of the right count for the shape (with several streams the real ones differ per stream)
+        first = np.maximum(np.arange(self.last_pos - self.n_tokens + 1, self.last_pos + 1, dtype=np.int32), 0)
         arr = np.asarray(value(first) if callable(value) else value, np.float32)
         if arr.ndim == 1:
             t = tnn.tnn_input_1d_f32(sess, arr.shape[0])
