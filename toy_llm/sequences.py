@@ -17,6 +17,7 @@ llama.cpp's for the same batch.
 from __future__ import annotations
 
 import operator
+import weakref
 
 import numpy as np
 
@@ -27,10 +28,19 @@ class Sequences:
     """The sequence slots of one model (see the module docstring)."""
 
     def __init__(self, model, n_seq: int):
-        self._model = model
+        # a weak reference: the model holds this object, and a cycle would keep a closed model's
+        # tokenizer and tables alive until the cycle collector runs (tests/test_leaks.py)
+        self._model_ref = weakref.ref(model)
         self.n_seq = n_seq
         self.lengths = [0] * n_seq        # positions held by each sequence
         self._used = [True] + [False] * (n_seq - 1)
+
+    @property
+    def _model(self):
+        m = self._model_ref()
+        if m is None:
+            raise RuntimeError("seqs: its model is gone")
+        return m
 
     def _engine(self, what: str):
         self._model._check_open(what)
