@@ -17,13 +17,19 @@ from toy_llm.fetch import fetch
 SLACK_MIB = 4.0   # allocator noise; a second copy of the attention matrices is ~9 MiB on SmolLM2, ~10 on Gemma 3
 
 _PROBE = textwrap.dedent("""
-    import json, sys
+    import ctypes, json, sys
     from toy_llm import tinynn as tnn
     from toy_llm.engine import EngineOptions, SmolLM2KVFFICache
     from toy_llm.gguf_load import load_config
     from toy_llm.tokenizer import Tokenizer
 
+    try:   # glibc keeps freed heap pages (the copy loader's temporaries) for reuse: give them back first
+        _trim = ctypes.CDLL(None).malloc_trim
+    except AttributeError:
+        _trim = lambda pad: 0
+
     def anon_kib():
+        _trim(0)
         for line in open('/proc/self/status'):
             if line.startswith('RssAnon:'):
                 return int(line.split()[1])
