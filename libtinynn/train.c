@@ -51,29 +51,18 @@ int tnn_graph_keeps_grads(tnn_session * sess) {
 
 /* ------------------------------------------------------------------ ops a training step needs */
 
-tnn_tensor * tnn_sqr(tnn_session * sess, tnn_tensor * a) {
-    const char * fn = "tnn_sqr";
+/* an F32 elementwise/reduction op of one tensor: validate, call ggml */
+static tnn_tensor * unary_f32(tnn_session * sess, tnn_tensor * a, const char * fn,
+                              struct ggml_tensor * (*op)(struct ggml_context *, struct ggml_tensor *)) {
     PROLOGUE(fn);
     CHECK_T(a, "a");
     if (!want_f32(fn, "a", a)) return NULL;
-    return ggml_sqr(sess->ctx_c, a);
+    return op(sess->ctx_c, a);
 }
 
-tnn_tensor * tnn_sqrt(tnn_session * sess, tnn_tensor * a) {
-    const char * fn = "tnn_sqrt";
-    PROLOGUE(fn);
-    CHECK_T(a, "a");
-    if (!want_f32(fn, "a", a)) return NULL;
-    return ggml_sqrt(sess->ctx_c, a);
-}
-
-tnn_tensor * tnn_sum(tnn_session * sess, tnn_tensor * a) {
-    const char * fn = "tnn_sum";
-    PROLOGUE(fn);
-    CHECK_T(a, "a");
-    if (!want_f32(fn, "a", a)) return NULL;
-    return ggml_sum(sess->ctx_c, a);
-}
+tnn_tensor * tnn_sqr(tnn_session * sess, tnn_tensor * a) { return unary_f32(sess, a, "tnn_sqr", ggml_sqr); }
+tnn_tensor * tnn_sqrt(tnn_session * sess, tnn_tensor * a) { return unary_f32(sess, a, "tnn_sqrt", ggml_sqrt); }
+tnn_tensor * tnn_sum(tnn_session * sess, tnn_tensor * a) { return unary_f32(sess, a, "tnn_sum", ggml_sum); }
 
 tnn_tensor * tnn_acc(tnn_session * sess, tnn_tensor * a, tnn_tensor * b, int64_t nb1, int64_t nb2, int64_t nb3,
                      int64_t offset) {

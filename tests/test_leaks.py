@@ -19,19 +19,12 @@ WARMUP = 10          # the allocators reach the working set of one load (see REA
 MAX_GROWTH_MIB = 5.0
 
 _CHILD = textwrap.dedent("""
-    import ctypes, gc, json, os, sys
+    import gc, json, os, sys
     import toy_llm
-
-    try:   # glibc keeps freed heap pages for reuse; give them back first, so RSS is what is in use
-        _trim = ctypes.CDLL(None).malloc_trim
-    except AttributeError:
-        _trim = lambda pad: 0
+    from toy_llm.testing.procmem import status_kib
 
     def rss_mib():
-        _trim(0)
-        for line in open('/proc/self/status'):
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 1024
+        return status_kib('VmRSS') / 1024
 
     def fds():
         return len(os.listdir('/proc/self/fd'))

@@ -17,22 +17,16 @@ from toy_llm.fetch import fetch
 SLACK_MIB = 4.0   # allocator noise; a second copy of the attention matrices is ~9 MiB on SmolLM2, ~10 on Gemma 3
 
 _PROBE = textwrap.dedent("""
-    import ctypes, json, sys
+    import json, sys
     from toy_llm import tinynn as tnn
     from toy_llm.engine import EngineOptions, SmolLM2KVFFICache
     from toy_llm.gguf_load import load_config
     from toy_llm.tokenizer import Tokenizer
 
-    try:   # glibc keeps freed heap pages (the copy loader's temporaries) for reuse: give them back first
-        _trim = ctypes.CDLL(None).malloc_trim
-    except AttributeError:
-        _trim = lambda pad: 0
+    from toy_llm.testing.procmem import status_kib
 
-    def anon_kib():
-        _trim(0)
-        for line in open('/proc/self/status'):
-            if line.startswith('RssAnon:'):
-                return int(line.split()[1])
+    def anon_kib():   # after malloc_trim: glibc's retained free heap (the copy loader's temporaries) is not counted
+        return status_kib('RssAnon')
 
     path, loader, repack = sys.argv[1], sys.argv[2], sys.argv[3] == '1'
     before = anon_kib()

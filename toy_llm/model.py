@@ -12,6 +12,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -126,7 +127,7 @@ class Model:
             self.n_past += 1
         return out if all_logits else out[-1:]
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate(self, prompt: str | list[int] | list[str | list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 40, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = None, stop: list[str] | None = None,
                  stream: bool = False, chat: bool = False, speculative: str | None = None,
@@ -138,34 +139,26 @@ class Model:
         With ``stream=True`` returns an iterator of text pieces. ``speculative="prompt_lookup"``
         drafts up to ``draft_max`` tokens from the context and verifies them in one batch
         (toy_llm.generate); with temperature > 0 the speculative sampling rule keeps the sampled
-        distribution unchanged. ``last_stats`` then counts drafted and accepted tokens.
+        distribution unchanged. ``last_stats`` then counts drafted and accepted tokens. A list of
+        prompts (str or id lists) gives a list of texts, decoded together, one sequence each (load
+        with ``n_seq`` >= their number; toy_llm.sequences).
         """
         self._check_open("generate")
         if type(max_new_tokens) is not int or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        scfg = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+            # several prompts: one continuation each, decoded together (load with n_seq >= len(prompt))
             if stream or speculative:
                 raise ValueError("generate: several prompts take neither stream nor speculative")
-            return self.generate_many(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                                      repeat_last_n, seed, stop, chat)
-        it = self._generate(prompt, max_new_tokens, SamplerConfig(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n, seed=seed), stop or [], chat, speculative, draft_max)
+            with self.lock:
+                return self._generate_many(list(prompt), max_new_tokens, scfg, stop or [], chat)
+        it = self._generate(prompt, max_new_tokens, scfg, stop or [], chat, speculative, draft_max)
         if stream:
             return it
         with self.lock:
             return "".join(it)
-
-    def generate_many(self, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 40,
-                      top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
-                      seed: int | None = None, stop: list[str] | None = None, chat: bool = False) -> list[str]:
-        """One continuation per prompt, decoded together in one graph per step (load with
-        ``n_seq`` >= len(prompts)); ``generate([...])`` calls this."""
-        self._check_open("generate")
-        scfg = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-        with self.lock:
-            return self._generate_many(list(prompts), max_new_tokens, scfg, stop or [], chat)
 
     def _prompt_ids(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -189,13 +182,11 @@ class Model:
         example: the prompts' common prefix is evaluated once in sequence 0 and forked into the
         others (``share_prefix``), the rest of every prompt goes in one batch, then each step is
         one batch of one token of every unfinished sequence. Sampler k is seeded ``seed + k``."""
-        from dataclasses import replace as _replace
-
         n_seq = self.seqs.n_seq
         if not 0 < len(prompts) <= n_seq:
             raise ValueError(f"generate: {len(prompts)} prompts for {n_seq} sequence slots (load with n_seq=...)")
         ids = [self._prompt_ids(p, chat) for p in prompts]
-        samplers = [Sampler(_replace(scfg, seed=None if scfg.seed is None else scfg.seed + k)) for k in range(len(ids))]
+        samplers = [Sampler(replace(scfg, seed=None if scfg.seed is None else scfg.seed + k)) for k in range(len(ids))]
         eog = set(self.tokenizer.eog_ids)
         seqs = self.seqs
         seqs.clear()
@@ -574,8 +565,6 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
         tok = Tokenizer.from_gguf(meta)
         adapter = None if lora is None else _lora_adapter(lora, cfg)
         if adapter is not None:   # its tensors are declared with the weights
-            from dataclasses import replace
-
             opts = replace(opts, lora_q_slots=(adapter.rank, tuple(sorted(adapter.q))))
         cache = SmolLM2KVFFICache(options=opts)
         cache.apply_config(cfg)

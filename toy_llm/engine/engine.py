@@ -134,16 +134,22 @@ class Engine:
     def new_graph(self, n_tokens: int, last_pos: int, *, masked: bool, rows_as_inputs: bool,
                   last_only: bool = False, streams: tuple[int, int] = (0, 1), outputs=None) -> GraphInputs:
         """Start a graph: drop the previous one, declare the new one's inputs."""
-        ctx = self.context()
-        tnn.tnn_reset_for_rebuild(self.sess)
-        self._replay = None
-        if self._inputs is not None:     # the Python hooks of the dropped graph
-            dispatcher().release(self._inputs.hook_keys)
+        ctx = self._drop_graph()
         self._inputs = GraphInputs.new(ctx.sess, ctx.cache, self.windows, n_tokens, last_pos, masked=masked,
                                        rows_as_inputs=rows_as_inputs, last_only=last_only, streams=streams,
                                        outputs=outputs)
         self.trace.begin(self.sess, self._inputs)
         return self._inputs
+
+    def _drop_graph(self) -> BuildContext:
+        """Drop the graph built last (and its Python hooks): the session is ready for a new one."""
+        ctx = self.context()
+        tnn.tnn_reset_for_rebuild(self.sess)
+        self._replay = None
+        if self._inputs is not None:
+            dispatcher().release(self._inputs.hook_keys)
+            self._inputs = None
+        return ctx
 
     def set_hooks(self, hooks) -> None:
         """(matcher, Intervention) pairs every graph from now on applies (the replayed graph is rebuilt).
@@ -274,12 +280,7 @@ class Engine:
             raise ValueError(f"copy_seq: {n} positions outside a sequence of max_T={self.max_T}")
         if src == dst or n == 0:
             return
-        self.context()
-        tnn.tnn_reset_for_rebuild(self.sess)
-        self._replay = None
-        if self._inputs is not None:
-            dispatcher().release(self._inputs.hook_keys)
-            self._inputs = None
+        self._drop_graph()
         last = None
         for il in range(self.cfg.n_layers):
             for h in range(self.cfg.n_kv):   # a head at a time: its K rows are contiguous (a Q8_0 copy needs it)

@@ -113,6 +113,15 @@ def _u64(v: int) -> bytes:
     return struct.pack("<Q", v & (2**64 - 1))
 
 
+def _replaced(records: list, i: int, rec: bytes | None) -> list:
+    """A copy of ``records`` with record i replaced by ``rec`` (None: deleted)."""
+    out = list(records)
+    if rec is None:
+        del out[i]
+    else:
+        out[i] = rec
+    return out
+
 class _Rebuild:
     """The base as records, to edit and reassemble (offsets of the data section kept)."""
 
@@ -128,20 +137,10 @@ class _Rebuild:
         return lambda: assemble(kvs, infos, self.data, version=self.lay.version, alignment=self.lay.alignment, **kw)
 
     def with_kv(self, i: int, rec: bytes | None):
-        kvs = list(self.kvs)
-        if rec is None:
-            del kvs[i]
-        else:
-            kvs[i] = rec
-        return self.build(kvs=kvs)
+        return self.build(kvs=_replaced(self.kvs, i, rec))
 
     def with_info(self, i: int, rec: bytes | None):
-        infos = list(self.infos)
-        if rec is None:
-            del infos[i]
-        else:
-            infos[i] = rec
-        return self.build(infos=infos)
+        return self.build(infos=_replaced(self.infos, i, rec))
 
 
 def _kv_alternatives(key: str, vtype: int, value, etype, n) -> Iterator[tuple[str, int, object, int | None]]:
