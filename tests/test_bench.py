@@ -17,8 +17,9 @@ pytest.importorskip("llama_cpp", reason="the llama-cpp-python oracle is installe
 
 SIZES = bench.Sizes(prefill=16, decode=4, deep_pos=32, deep_decode=4, parallel_tokens=8, spec_tokens=8,
                     rss_ctx=256, startup_ctx=128)
-ROW_KEYS = ("startup", "prefill", "decode", "deep", "parallel", "spec_plain", "spec_lookup", "rss_f32", "rss_q8_0")
-PER_HEAD_NA = {"deep", "parallel", "spec_plain", "spec_lookup"}
+ROW_KEYS = ("startup", "prefill", "decode", "deep", "parallel", "spec_plain", "spec_lookup", "spec_plain_gen", "spec_lookup_gen",
+            "rss_f32", "rss_q8_0")
+PER_HEAD_NA = {"deep", "parallel", "spec_plain", "spec_lookup", "spec_plain_gen", "spec_lookup_gen"}
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,31 @@ def test_drafts_are_llama_cpp_pythons(history, draft_max, ngram):
     assert gen.prompt_lookup_draft(history, draft_max, ngram) == want.tolist()
 
 
+@settings(max_examples=300, deadline=None)
+@given(history=st.lists(st.integers(0, 3), min_size=1, max_size=40), draft_max=st.integers(1, 12),
+       ngram_min=st.integers(1, 3), extra=st.integers(0, 2))
+def test_drafts_from_matches_of_at_least_ngram_min_tokens(history, draft_max, ngram_min, extra):
+    """With ``ngram_min`` the draft is llama-cpp-python's when the context's last ``ngram_min``
+    tokens recur earlier with a token after them (then every shorter match recurs too), else none."""
+    ngram_max = ngram_min + extra
+    tail = history[-ngram_min:]
+    recurs = len(history) > ngram_min and any(history[i:i + ngram_min] == tail
+                                              for i in range(len(history) - ngram_min))
+    want = llama_spec.LlamaPromptLookupDecoding.find_candidate_pred_tokens(
+        np.array(history, dtype=np.intc), max_ngram_size=ngram_max, num_pred_tokens=draft_max).tolist()
+    assert gen.prompt_lookup_draft(history, draft_max, ngram_max, ngram_min) == (want if recurs else [])
+
+
+def test_ngram_bounds_are_checked(f32_llama):
+    m = toy_llm.load(f32_llama, max_T=32, n_threads=1)
+    try:
+        for bad in ({"ngram_min": 0}, {"ngram_min": 3, "ngram_max": 2}, {"ngram_max": 2.0}):
+            with pytest.raises(ValueError, match="ngram_min"):
+                list(gen.token_stream(m, [1, 2, 3], 4, Sampler(SamplerConfig()), set(), {}, "prompt_lookup", **bad))
+    finally:
+        m.close()
+
+
 def _chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
     """p-value of Pearson's chi-square goodness of fit (Wilson-Hilferty normal approximation)."""
     from math import erf, sqrt
@@ -102,7 +127,7 @@ def test_sampled_speculation_keeps_the_two_token_distribution(f32_llama, monkeyp
         for (_, t2), q in zip(pairs, probs):
             mass[t2] = mass.get(t2, 0.0) + q
         draft = max(mass, key=mass.get)
-        monkeypatch.setattr(gen, "prompt_lookup_draft", lambda history, n, ngram=2: [draft])
+        monkeypatch.setattr(gen, "prompt_lookup_draft", lambda history, n, ngram_max=2, ngram_min=1: [draft])
         index = {pr: i for i, pr in enumerate(pairs)}
         counts = np.zeros(len(pairs))
         accepted = 0

@@ -137,8 +137,8 @@ class Model:
         Stops at an end-of-generation token, at ``max_new_tokens``, or at a ``stop`` string.
         ``chat=True`` wraps a string prompt as one user message in the GGUF's chat template.
         With ``stream=True`` returns an iterator of text pieces. ``speculative="prompt_lookup"``
-        drafts up to ``draft_max`` tokens from the context and verifies them in one batch
-        (toy_llm.generate); with temperature > 0 the speculative sampling rule keeps the sampled
+        drafts up to ``draft_max`` tokens from the context where its last two tokens occurred before,
+        and verifies them in one batch (toy_llm.generate); with temperature > 0 the speculative sampling rule keeps the sampled
         distribution unchanged. ``last_stats`` then counts drafted and accepted tokens. A list of
         prompts (str or id lists) gives a list of texts, decoded together, one sequence each (load
         with ``n_seq`` >= their number; toy_llm.sequences).
