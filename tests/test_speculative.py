@@ -164,3 +164,50 @@ def test_smollm2_input_grounded_agreement():
         assert st_["accepted"] > 0
     finally:
         m.close()
+
+
+def test_verify_batches_are_llama_cpps():
+    """Speculation's verify batches (the token just decided plus the drafts, all logits), each
+    followed by a rewind past the rejected drafts, against llama.cpp given the same batches and
+    llama_memory_seq_rm for each rewind: every logit of every batch is compared, SmolLM2 Q4_1."""
+    from test_multi_seq import BatchOracle, lc
+
+    m = toy_llm.load(MODEL, max_T=512, n_threads=2)
+    oracle = BatchOracle(MODEL, 1, 512, 2)
+    try:
+        passage = ("The quick brown fox jumps over the lazy dog. The dog was not amused, and it barked at the fox "
+                   "until the fox ran away into the forest behind the old farmhouse.")
+        history = m.tokenize(m.apply_chat_template([{"role": "user", "content": "Repeat this text exactly:\n" +
+                                                     passage}]), add_bos=False, special=True)
+        ours, theirs = m.eval(history), oracle.decode([(0, history)])[0]
+        worst, agree, rows, sizes, rewinds = float(np.abs(ours - theirs).max()), 0, 0, [], 0
+        tok = int(ours[-1].argmax())
+        for _ in range(16):
+            draft = gen.prompt_lookup_draft(history + [tok], 6, 2, 2)
+            batch = [tok] + draft
+            base = m.n_past
+            ours, theirs = m.eval(batch), oracle.decode([(0, batch)])[0]
+            worst = max(worst, float(np.abs(ours - theirs).max()))
+            agree += int((ours.argmax(1) == theirs.argmax(1)).sum())
+            rows += len(batch)
+            sizes.append(len(batch))
+            history.append(tok)
+            accepted = 0
+            for i, d in enumerate(draft):   # greedy acceptance, as generate's
+                if int(ours[i].argmax()) != d:
+                    break
+                accepted += 1
+                history.append(d)
+            tok = int(ours[accepted].argmax())
+            rewinds += accepted < len(draft)
+            m.n_past = base + 1 + accepted                     # ours: the rejected rows are overwritten later
+            lc.llama_memory_seq_rm(oracle.mem, 0, base + 1 + accepted, -1)
+            oracle.lengths[0] = base + 1 + accepted
+        print(f"\nverify batches of {sizes} tokens ({rewinds} rewinds past rejected drafts): "
+              f"max |dlogit| = {worst:.3g}, argmax {agree}/{rows}")
+        assert rewinds > 0
+        assert any(a == b > 1 for a, b in zip(sizes, sizes[1:]))   # a verify graph replayed at new positions
+        assert worst == 0.0 and agree == rows
+    finally:
+        oracle.close()
+        m.close()
