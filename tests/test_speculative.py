@@ -2,6 +2,8 @@
 plain decoding, and with temperature the emitted tokens keep the sampler's distribution."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -211,3 +213,66 @@ def test_verify_batches_are_llama_cpps():
     finally:
         oracle.close()
         m.close()
+
+
+@pytest.fixture(scope="module")
+def f32_llama_other(tmp_path_factory):
+    """The same family and vocabulary as f32_llama, other weights: a draft model."""
+    return synthetic.write_model(tmp_path_factory.mktemp("spec") / "llama_draft.gguf", "llama", seed=7)
+
+
+def test_draft_model_speculation_is_greedy_decoding(f32_llama, f32_llama_other):
+    """speculative="draft_model": a second model's greedy continuation is the draft. F32 weights:
+    the text is plain greedy decoding's, whatever the draft model; with the target itself (loaded
+    a second time) as the draft, every draft is accepted."""
+    m = toy_llm.load(f32_llama, max_T=256, n_threads=1)
+    other = toy_llm.load(f32_llama_other, max_T=256, n_threads=1)
+    same = toy_llm.load(f32_llama, max_T=256, n_threads=1)
+    try:
+        prompt = [5, 6, 7, 8, 9, 10, 11, 12] * 3
+        plain = m.generate(prompt, max_new_tokens=40)
+        for draft, name in ((other, "other weights"), (same, "the target itself")):
+            spec = m.generate(prompt, max_new_tokens=40, draft_model=draft, draft_max=5)
+            st_ = m.last_stats
+            print(f"\ndraft model with {name}: {st_['accepted']}/{st_['drafted']} drafts accepted, "
+                  f"{st_['gen_tokens']} tokens in {st_['verify_steps']} steps")
+            assert spec == plain
+            assert st_["drafted"] > 0
+        assert st_["accepted"] == st_["drafted"] and st_["verify_steps"] < st_["gen_tokens"] / 3
+        # the draft's cache follows the context across calls and rewinds: a second run is the same
+        assert m.generate(prompt, max_new_tokens=40, draft_model=other, draft_max=3) == plain
+    finally:
+        for x in (m, other, same):
+            x.close()
+
+
+def test_draft_model_is_checked(f32_llama):
+    m = toy_llm.load(f32_llama, max_T=64, n_threads=1)
+    q = toy_llm.load(MODEL, max_T=64, n_threads=1)   # SmolLM2: another vocabulary
+    try:
+        with pytest.raises(ValueError, match="does not share the vocabulary"):
+            m.generate([1, 2, 3], max_new_tokens=4, draft_model=q)
+        with pytest.raises(ValueError, match="another Model"):
+            m.generate([1, 2, 3], max_new_tokens=4, draft_model=m)
+        with pytest.raises(ValueError, match="draft_model"):
+            m.generate([1, 2, 3], max_new_tokens=4, speculative="prompt_lookup", draft_model=q)
+        q.close()
+        with pytest.raises(Exception, match="closed"):
+            m.generate([1, 2, 3], max_new_tokens=4, draft_model=q)
+    finally:
+        m.close()
+        q.close()
+
+
+def test_cli_draft_model(f32_llama, f32_llama_other, capsys):
+    from toy_llm.cli import main
+
+    args = ["generate", "-m", str(f32_llama), "-n", "12", "-t", "1", "--quiet-prompt", "one two three"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main(args + ["--draft-model", str(f32_llama_other), "--draft-max", "4"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out
+    assert re.search(r"\d+/\d+ drafts accepted", spec.err)
+    with pytest.raises(SystemExit, match="take one prompt"):
+        main(args + ["again", "--draft-model", str(f32_llama_other)])

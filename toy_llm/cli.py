@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -64,13 +65,15 @@ def cmd_generate(args) -> int:
         return _generate_parallel(args)
     m = _load(args)
     args.prompt = args.prompt[0]
-    with m:
+    draft = _load(argparse.Namespace(**{**vars(args), "model": args.draft_model, "lora": None})) \
+        if args.draft_model else None
+    with m, (draft or contextlib.nullcontext()):
         for spec in args.control_vector:
             _control_vector(m, spec)
         pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temp, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                             seed=args.seed, stop=args.stop, stream=True, chat=args.chat,
-                            speculative=args.speculative, draft_max=args.draft_max)
+                            speculative=args.speculative, draft_max=args.draft_max, draft_model=draft)
         if not args.chat and not args.quiet_prompt:
             sys.stdout.write(args.prompt)
         for piece in pieces:
@@ -80,15 +83,15 @@ def cmd_generate(args) -> int:
         s = m.last_stats
         print(f"[{s['prompt_tokens']} prompt tokens in {s['prompt_s']:.2f} s; {s['gen_tokens']} generated at "
               f"{s['tok_per_s']:.1f} tok/s; backend {args.backend}, kv {args.kv_type}"
-              + (f"; {s['accepted']}/{s['drafted']} drafts accepted" if args.speculative else "") + "]",
+              + (f"; {s['accepted']}/{s['drafted']} drafts accepted" if args.speculative or draft else "") + "]",
               file=sys.stderr)
     return 0
 
 
 def _generate_parallel(args) -> int:
     """Several prompts: decoded together, one sequence each (load(n_seq=...), generate([...]))."""
-    if args.speculative:
-        raise SystemExit("generate: --speculative takes one prompt")
+    if args.speculative or args.draft_model:
+        raise SystemExit("generate: --speculative and --draft-model take one prompt")
     m = _load(args, n_seq=len(args.prompt))
     with m:
         for spec in args.control_vector:
@@ -429,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speculative", choices=("prompt_lookup",), default=None,
                    help="prompt-lookup speculative decoding: draft tokens by matching the context's last n-gram "
                         "earlier in the context, verify them in one batch (helps on input-grounded tasks)")
+    g.add_argument("--draft-model", default=None, metavar="DRAFT.gguf",
+                   help="speculative decoding with a smaller model sharing the vocabulary: its greedy "
+                        "continuation is the draft, verified in one batch (same threads, max-t and KV type)")
     g.add_argument("--draft-max", type=int, default=10, metavar="N", help="most draft tokens per step (default 10)")
     g.add_argument("--lora", default=None, metavar="ADAPTER.gguf",
                    help="apply a LoRA-Q adapter (llama.cpp's LoRA GGUF: ours, or convert_lora_to_gguf.py's attn_q)")

@@ -19,7 +19,7 @@ import numpy as np
 
 from .sampling import Sampler
 
-SPECULATIVE = (None, "prompt_lookup")
+SPECULATIVE = (None, "prompt_lookup", "draft_model")
 
 
 def prompt_lookup_draft(history: list[int], draft_max: int, ngram_max: int = 2, ngram_min: int = 1) -> list[int]:
@@ -40,24 +40,76 @@ def prompt_lookup_draft(history: list[int], draft_max: int, ngram_max: int = 2, 
     return []
 
 
-def token_stream(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, eog: set[int],
-                 stats: dict, speculative: str | None = None, draft_max: int = 10,
-                 ngram_max: int = 2, ngram_min: int = 2) -> Iterator[int]:
-    """Token ids of the continuation of ``prompt_ids`` (evaluated from an empty context). ``stats``
-    receives: stopped ("eog" | "max_new_tokens" | "context"), drafted, accepted, verify_steps."""
+class ModelDrafter:
+    """Drafts from a second, smaller model sharing the vocabulary (speculative="draft_model"): its
+    greedy continuation of the context, one token per step of its own. Its KV cache follows the
+    context: after a verify step it is rewound to the prefix it shares with the context and fed
+    the accepted tokens. Greedy drafts are a deterministic proposal, so the acceptance rule of
+    prompt lookup applies unchanged (and keeps the sampled distribution)."""
+
+    def __init__(self, draft) -> None:
+        self.model = draft
+        self.cached: list[int] = []   # the tokens in the draft model's cache, in order
+
+    def __call__(self, history: list[int], k: int) -> list[int]:
+        m = self.model
+        keep = 0
+        for a, b in zip(self.cached, history):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(history) - 1)            # the last token is evaluated again for its logits
+        k = min(k, m.cache.max_T - len(history))       # its cache holds the context and the drafts but the last
+        if k <= 0:
+            return []
+        m.n_past = keep                                # a rewind: rows past it are overwritten
+        logits = m.eval(history[keep:], all_logits=False)[-1]
+        self.cached = list(history)
+        out = [int(logits.argmax())]
+        while len(out) < k:
+            logits = m.eval(out[-1:], all_logits=False)[-1]
+            self.cached.append(out[-1])
+            out.append(int(logits.argmax()))
+        return out
+
+
+def check_speculative(model, speculative: str | None, draft_max: int, draft_model=None, ngram_max: int = 2,
+                      ngram_min: int = 2) -> None:
+    """ValueError for speculation settings that cannot run (before any token is generated)."""
     if speculative not in SPECULATIVE:
         raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
+    if (speculative == "draft_model") != (draft_model is not None):
+        raise ValueError('a draft_model goes with speculative="draft_model", and only with it')
     if type(draft_max) is not int or draft_max < 1:
         raise ValueError(f"draft_max must be a positive int, got {draft_max!r}")
     if not (type(ngram_min) is int and type(ngram_max) is int and 1 <= ngram_min <= ngram_max):
         raise ValueError(f"need ints 1 <= ngram_min <= ngram_max, got ngram_min={ngram_min!r}, "
                          f"ngram_max={ngram_max!r}")
+    if draft_model is not None:
+        tv, dv = model.tokenizer, draft_model.tokenizer
+        if draft_model is model:
+            raise ValueError("draft_model: the draft model must be another Model (its KV cache is its own)")
+        if dv.n_vocab != tv.n_vocab or draft_model.config.vocab != model.config.vocab or any(
+                dv.token_text(i) != tv.token_text(i) for i in range(tv.n_vocab)):
+            raise ValueError(f"draft_model: {draft_model.path} does not share the vocabulary of {model.path}")
+
+
+def token_stream(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, eog: set[int],
+                 stats: dict, speculative: str | None = None, draft_max: int = 10,
+                 ngram_max: int = 2, ngram_min: int = 2, draft_model=None) -> Iterator[int]:
+    """Token ids of the continuation of ``prompt_ids`` (evaluated from an empty context). ``stats``
+    receives: stopped ("eog" | "max_new_tokens" | "context"), drafted, accepted, verify_steps."""
+    check_speculative(model, speculative, draft_max, draft_model, ngram_max, ngram_min)
     stats.update(stopped="max_new_tokens", drafted=0, accepted=0, verify_steps=0)
     if max_new_tokens == 0:
         return
     history = list(prompt_ids)
+    if speculative == "draft_model":
+        drafter = ModelDrafter(draft_model)
+    else:   # (looked up at each call: tests replace it)
+        drafter = lambda h, k: prompt_lookup_draft(h, k, ngram_max, ngram_min)   # noqa: E731
     for tok in _decided(model, history, len(prompt_ids) + max_new_tokens, sampler, stats,
-                        draft_max if speculative else 0, ngram_max, ngram_min):
+                        draft_max if speculative else 0, drafter):
         if tok in eog:
             stats["stopped"] = "eog"
             return
@@ -68,7 +120,7 @@ def token_stream(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
 
 
 def _decided(model, history: list[int], max_len: int, sampler: Sampler, stats: dict, draft_max: int,
-             ngram_max: int, ngram_min: int) -> Iterator[int]:
+             drafter) -> Iterator[int]:
     """Each next token as it is decided (the caller appends it to ``history`` before asking for the
     next): sampled from the last logits, or an accepted draft. The context never holds more than
     ``max_len`` tokens; past the cache's end it stops with ``stats["stopped"] = "context"``."""
@@ -81,7 +133,7 @@ def _decided(model, history: list[int], max_len: int, sampler: Sampler, stats: d
             stats["stopped"] = "context"
             return
         room = min(max_len - len(history), max_T - model.n_past - 1)   # drafts that can still be used
-        draft = prompt_lookup_draft(history, min(draft_max, room), ngram_max, ngram_min)
+        draft = drafter(history, min(draft_max, room)) if draft_max and room > 0 else []
         base = model.n_past
         rows = model.eval([tok] + draft)             # row i: the distribution after tok, draft[:i]
         stats["verify_steps"] += 1

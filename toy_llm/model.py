@@ -22,7 +22,7 @@ from . import tinynn as tnn
 from .engine.engine import check_token_ids
 from .engine.kv_cache import SmolLM2KVFFICache
 from .engine.options import LLAMA_N_BATCH, EngineOptions
-from .generate import token_stream
+from .generate import check_speculative, token_stream
 from .gguf_load import ModelConfig, load_config
 from .sampling import Sampler, SamplerConfig
 from .sequences import Sequences
@@ -131,7 +131,7 @@ class Model:
                  top_k: int = 40, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = None, stop: list[str] | None = None,
                  stream: bool = False, chat: bool = False, speculative: str | None = None,
-                 draft_max: int = 10) -> str | Iterator[str]:
+                 draft_max: int = 10, draft_model: "Model | None" = None) -> str | Iterator[str]:
         """The continuation of ``prompt`` (not the prompt itself), from an empty cache.
 
         Stops at an end-of-generation token, at ``max_new_tokens``, or at a ``stop`` string.
@@ -139,7 +139,9 @@ class Model:
         With ``stream=True`` returns an iterator of text pieces. ``speculative="prompt_lookup"``
         drafts up to ``draft_max`` tokens from the context where its last two tokens occurred before,
         and verifies them in one batch (toy_llm.generate); with temperature > 0 the speculative sampling rule keeps the sampled
-        distribution unchanged. ``last_stats`` then counts drafted and accepted tokens. A list of
+        distribution unchanged. ``draft_model`` (another loaded Model sharing the vocabulary,
+        mlx-lm's and llama.cpp's draft model) drafts instead with its greedy continuation;
+        ``speculative`` is then "draft_model". ``last_stats`` counts drafted and accepted tokens. A list of
         prompts (str or id lists) gives a list of texts, decoded together, one sequence each (load
         with ``n_seq`` >= their number; toy_llm.sequences).
         """
@@ -150,11 +152,16 @@ class Model:
                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
             # several prompts: one continuation each, decoded together (load with n_seq >= len(prompt))
-            if stream or speculative:
+            if stream or speculative or draft_model is not None:
                 raise ValueError("generate: several prompts take neither stream nor speculative")
             with self.lock:
                 return self._generate_many(list(prompt), max_new_tokens, scfg, stop or [], chat)
-        it = self._generate(prompt, max_new_tokens, scfg, stop or [], chat, speculative, draft_max)
+        if draft_model is not None and speculative is None:
+            speculative = "draft_model"
+        if draft_model is not None:
+            draft_model._check_open("generate (draft_model)")
+        check_speculative(self, speculative, draft_max, draft_model)   # before the first token
+        it = self._generate(prompt, max_new_tokens, scfg, stop or [], chat, speculative, draft_max, draft_model)
         if stream:
             return it
         with self.lock:
@@ -251,12 +258,14 @@ class Model:
                            "sequences": len(ids)}
         return texts
 
-    def _generate(self, prompt, max_new_tokens, scfg, stop, chat, speculative=None, draft_max=10) -> Iterator[str]:
+    def _generate(self, prompt, max_new_tokens, scfg, stop, chat, speculative=None, draft_max=10,
+                  draft_model=None) -> Iterator[str]:
         ids = self._prompt_ids(prompt, chat)
         sampler = Sampler(scfg)
         eog = set(self.tokenizer.eog_ids)
         gen_stats: dict = {}
-        tokens = token_stream(self, ids, max_new_tokens, sampler, eog, gen_stats, speculative, draft_max)
+        tokens = token_stream(self, ids, max_new_tokens, sampler, eog, gen_stats, speculative, draft_max,
+                              draft_model=draft_model)
         t0 = time.perf_counter()
         first = next(tokens, None)            # the prompt is evaluated on the way to the first token
         t_prompt = time.perf_counter() - t0
