@@ -193,6 +193,20 @@ static tnn_tensor * unary(tnn_session * sess, tnn_tensor * a, const char * fn, i
 
 tnn_tensor * tnn_silu(tnn_session * sess, tnn_tensor * a) { return unary(sess, a, "tnn_silu", 0); }
 tnn_tensor * tnn_gelu(tnn_session * sess, tnn_tensor * a) { return unary(sess, a, "tnn_gelu", 1); }
+
+/* llama.cpp's gated FFN: silu(a) * b in one pass (the same float ops as tnn_silu then tnn_mul) */
+tnn_tensor * tnn_swiglu_split(tnn_session * sess, tnn_tensor * a, tnn_tensor * b) {
+    const char * fn = "tnn_swiglu_split";
+    PROLOGUE(fn);
+    CHECK_T(a, "a");
+    CHECK_T(b, "b");
+    if (!want_type(fn, "a", a, GGML_TYPE_F32) || !want_type(fn, "b", b, GGML_TYPE_F32)) return NULL;
+    if (!ggml_are_same_shape(a, b) || !ggml_is_contiguous_1(a) || !ggml_is_contiguous_1(b)) {
+        fail_shape(fn, "a and b must have the same shape and contiguous rows", a, b);   /* ggml asserts both */
+        return NULL;
+    }
+    return ggml_swiglu_split(sess->ctx_c, a, b);
+}
 tnn_tensor * tnn_tanh(tnn_session * sess, tnn_tensor * a) { return unary(sess, a, "tnn_tanh", 2); }
 
 /* ------------------------------------------------------------------ normalisation & softmax */

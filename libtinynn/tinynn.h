@@ -138,6 +138,7 @@ tnn_tensor * tnn_mul(tnn_session * sess, tnn_tensor * a, tnn_tensor * b);
 tnn_tensor * tnn_scale(tnn_session * sess, tnn_tensor * a, float s);
 tnn_tensor * tnn_silu(tnn_session * sess, tnn_tensor * a);
 tnn_tensor * tnn_gelu(tnn_session * sess, tnn_tensor * a);                      /* tanh approximation */
+tnn_tensor * tnn_swiglu_split(tnn_session * sess, tnn_tensor * a, tnn_tensor * b); /* silu(a) * b, one op */
 tnn_tensor * tnn_tanh(tnn_session * sess, tnn_tensor * a);
 tnn_tensor * tnn_softmax(tnn_session * sess, tnn_tensor * a);
 tnn_tensor * tnn_softmax_ext(tnn_session * sess, tnn_tensor * a, tnn_tensor * mask, float scale, float max_bias);

@@ -398,6 +398,37 @@ def test_unary(shape, seed, scale, which):
 
 
 @settings(max_examples=ex(20), **SETTINGS)
+@given(shape=shapes3, seed=seeds, scale=st.sampled_from([0.5, 3.0, 12.0]))
+def test_swiglu_split(shape, seed, scale):
+    """silu(a) * b in one op: float64 numpy within a few ulps, and bit for bit the two ops it fuses
+    (tnn_silu then tnn_mul), which the graph used before."""
+    A = rng_normal(seed, *shape, scale=scale)
+    B = rng_normal(seed + 1, *shape)
+    with session() as s:
+        g = Graph(s)
+        g.finalize()
+        a, b = g.inp(A), g.inp(B)
+        fused = g.run(T.tnn_swiglu_split(s, a, b))
+    with session() as s:
+        g = Graph(s)
+        g.finalize()
+        two = g.run(T.tnn_mul(s, T.tnn_silu(s, g.inp(A)), g.inp(B)))
+    x, y = A.astype(np.float64), B.astype(np.float64)
+    ref = x / (1.0 + np.exp(-x)) * y
+    check_close("swiglu_split", fused, ref, 9 * U * (np.abs(ref) + np.abs(x * y)))
+    assert np.array_equal(fused.view(np.uint32), two.view(np.uint32))
+
+
+def test_swiglu_split_checks_its_operands():
+    with session() as s:
+        g = Graph(s)
+        g.finalize()
+        a, b = g.inp(np.zeros((4, 6), np.float32)), g.inp(np.zeros((4, 3), np.float32))
+        with pytest.raises(T.TinyNNError, match="tnn_swiglu_split: a and b must have the same shape"):
+            T.tnn_swiglu_split(s, a, b)
+
+
+@settings(max_examples=ex(20), **SETTINGS)
 @given(shape=shapes3, seed=seeds)
 def test_sum_rows(shape, seed):
     x, out = run_unary(shape, seed, T.tnn_sum_rows)

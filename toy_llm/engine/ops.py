@@ -113,7 +113,10 @@ def ffn(sess, x, blk, cfg: ModelConfig, tap, il: int):
     """Gated FFN: down(act(gate x) * up x)."""
     gate = tap(tnn.tnn_matmul(sess, blk.t_w_gate, x), "mlp.hook_pre", il)
     up = tap(tnn.tnn_matmul(sess, blk.t_w_up, x), "mlp.hook_pre_linear", il)
-    gated = tap(tnn.tnn_mul(sess, ffn_act(sess, gate, cfg), up), "mlp.hook_post", il)
+    if cfg.ffn_act == "silu":   # one op, as llama.cpp's build_ffn (LLM_FFN_SILU, LLM_FFN_PAR)
+        gated = tap(tnn.tnn_swiglu_split(sess, gate, up), "mlp.hook_post", il)
+    else:
+        gated = tap(tnn.tnn_mul(sess, ffn_act(sess, gate, cfg), up), "mlp.hook_post", il)
     return tnn.tnn_matmul(sess, blk.t_w_down, gated)
 
 
