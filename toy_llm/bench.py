@@ -523,14 +523,11 @@ def _notes(t: dict) -> list[str]:
                 "LlamaPromptLookupDecoding(num_pred_tokens=10); accepted = tokens - 1 - draft calls"
             notes.append(f"speculative {ENGINE_LABEL[e]} ({how}): {r['plain']['gen_tokens']} / {lk['gen_tokens']} "
                          f"tokens (plain / lookup), {acc}; the first two rows: tok/s over prompt + generation.")
-        c, p = cells["spec_lookup"], cells.get("spec_plain", {})
-        if c.get("fused") and p.get("llama_cpp"):
-            notes.append(f"speculative: toy_llm prompt lookup / llama-cpp-python plain greedy = "
-                         f"{c['fused'] / p['llama_cpp']:.2f}x.")
-        c, p = cells.get("spec_lookup_gen", {}), cells.get("spec_plain_gen", {})
-        if c.get("fused") and p.get("llama_cpp"):
-            notes.append(f"speculative, after the first token (no prompt): toy_llm prompt lookup / llama-cpp-python "
-                         f"plain greedy = {c['fused'] / p['llama_cpp']:.2f}x.")
+        for suffix, when in (("", ""), ("_gen", ", after the first token (no prompt)")):
+            c, p = cells.get(f"spec_lookup{suffix}", {}), cells.get(f"spec_plain{suffix}", {})
+            if c.get("fused") and p.get("llama_cpp"):
+                notes.append(f"speculative{when}: toy_llm prompt lookup / llama-cpp-python plain greedy = "
+                             f"{c['fused'] / p['llama_cpp']:.2f}x.")
     if "startup" in cells:
         notes.append("start-up: from the parent's clock just before it spawns the process to the child's clock at "
                      "its first token (interpreter start, import, load, tokenize, eval, argmax).")

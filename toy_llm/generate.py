@@ -86,11 +86,10 @@ def check_speculative(model, speculative: str | None, draft_max: int, draft_mode
         raise ValueError(f"need ints 1 <= ngram_min <= ngram_max, got ngram_min={ngram_min!r}, "
                          f"ngram_max={ngram_max!r}")
     if draft_model is not None:
-        tv, dv = model.tokenizer, draft_model.tokenizer
         if draft_model is model:
             raise ValueError("draft_model: the draft model must be another Model (its KV cache is its own)")
-        if dv.n_vocab != tv.n_vocab or draft_model.config.vocab != model.config.vocab or any(
-                dv.token_text(i) != tv.token_text(i) for i in range(tv.n_vocab)):
+        draft_model._check_open("generate (draft_model)")
+        if draft_model.config.vocab != model.config.vocab or not model.tokenizer.same_vocabulary(draft_model.tokenizer):
             raise ValueError(f"draft_model: {draft_model.path} does not share the vocabulary of {model.path}")
 
 

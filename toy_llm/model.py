@@ -137,13 +137,14 @@ class Model:
         Stops at an end-of-generation token, at ``max_new_tokens``, or at a ``stop`` string.
         ``chat=True`` wraps a string prompt as one user message in the GGUF's chat template.
         With ``stream=True`` returns an iterator of text pieces. ``speculative="prompt_lookup"``
-        drafts up to ``draft_max`` tokens from the context where its last two tokens occurred before,
-        and verifies them in one batch (toy_llm.generate); with temperature > 0 the speculative sampling rule keeps the sampled
-        distribution unchanged. ``draft_model`` (another loaded Model sharing the vocabulary,
-        mlx-lm's and llama.cpp's draft model) drafts instead with its greedy continuation;
-        ``speculative`` is then "draft_model". ``last_stats`` counts drafted and accepted tokens. A list of
-        prompts (str or id lists) gives a list of texts, decoded together, one sequence each (load
-        with ``n_seq`` >= their number; toy_llm.sequences).
+        drafts up to ``draft_max`` tokens from the context where its last two tokens occurred
+        before, and verifies them in one batch (toy_llm.generate); with temperature > 0 the
+        speculative sampling rule keeps the sampled distribution unchanged. ``draft_model``
+        (another loaded Model sharing the vocabulary, mlx-lm's and llama.cpp's draft model) drafts
+        instead with its greedy continuation; ``speculative`` is then "draft_model". ``last_stats``
+        counts drafted and accepted tokens. A list of prompts (str or id lists) gives a list of
+        texts, decoded together, one sequence each (load with ``n_seq`` >= their number;
+        toy_llm.sequences).
         """
         self._check_open("generate")
         if type(max_new_tokens) is not int or max_new_tokens < 0:
@@ -158,9 +159,8 @@ class Model:
                 return self._generate_many(list(prompt), max_new_tokens, scfg, stop or [], chat)
         if draft_model is not None and speculative is None:
             speculative = "draft_model"
-        if draft_model is not None:
-            draft_model._check_open("generate (draft_model)")
-        check_speculative(self, speculative, draft_max, draft_model)   # before the first token
+        # here, not only in token_stream: a stream then fails before its first piece
+        check_speculative(self, speculative, draft_max, draft_model)
         it = self._generate(prompt, max_new_tokens, scfg, stop or [], chat, speculative, draft_max, draft_model)
         if stream:
             return it

@@ -990,6 +990,10 @@ class Tokenizer:
     def is_eog(self, token_id: int) -> bool:
         return token_id in self._eog
 
+    def same_vocabulary(self, other: "Tokenizer") -> bool:
+        """Whether ``other`` has the same token texts under the same ids (a draft model's check)."""
+        return self._texts == other._texts
+
     def token_text(self, token_id: int) -> str:
         """The raw vocab entry (e.g. "Ġhello", "▁world", "<0x0A>")."""
         return self._texts[self._check_id(token_id)]

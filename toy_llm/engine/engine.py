@@ -260,16 +260,16 @@ class Engine:
         want = np.ones(n, bool) if logits is None else np.array([bool(x) for x in logits])
         if want.size != n:
             raise ValueError(f"step_seqs: {want.size} logits flags for {n} tokens")
-        splits = split_equal(seqs, self.opts.n_batch)
-        if len(splits) == 1 and want.all() and splits[0] == list(range(n)):   # one graph in batch order
-            return self._replayed(ids, positions, (seqs[0], len(set(seqs))))   # (no copy of the logits)
         out = np.empty((n, self.cfg.vocab), np.float32)
-        for idx in splits:
+        for idx in split_equal(seqs, self.opts.n_batch):
             idx = np.array(idx)
             streams = (seqs[idx[0]], len({seqs[i] for i in idx}))
             rows = np.flatnonzero(want[idx])
             if rows.size == idx.size:
-                out[idx] = self._replayed(ids[idx], positions[idx], streams)
+                got = self._replayed(ids[idx], positions[idx], streams)
+                if idx.size == n and np.array_equal(idx, np.arange(n)):   # the whole batch, in order: no copy
+                    return got
+                out[idx] = got
             else:   # the last layer runs on the wanted rows only (none wanted: any one row, dropped)
                 got = self._replayed(ids[idx], positions[idx], streams, tuple(rows.tolist()) or (idx.size - 1,))
                 out[idx[rows]] = got[:rows.size]
