@@ -23,9 +23,9 @@ def build(b: BuildContext, inp: GraphInputs, il: int, h):
     adapter = None
     if b.weights.lora_q_scale is not None and blk.t_lora_q_a is not None:   # an inference LoRA-Q adapter
         adapter = (blk.t_lora_q_a, blk.t_lora_q_b, b.weights.lora_q_scale)
-    q = project(sess, blk.t_w_q_all, h, blk.t_b_q_all, adapter=adapter)   # [H*Dh, n]
-    k = project(sess, blk.t_w_k_all, h, blk.t_b_k_all)       # [G*Dh, n]
-    v = b.tap(project(sess, blk.t_w_v_all, h, blk.t_b_v_all), "attn.hook_v", il)
+    q = project(sess, blk.t_w_q_all, h, blk.t_b_q_all, adapter=adapter, mm=b.mm)   # [H*Dh, n]
+    k = project(sess, blk.t_w_k_all, h, blk.t_b_k_all, mm=b.mm)       # [G*Dh, n]
+    v = b.tap(project(sess, blk.t_w_v_all, h, blk.t_b_v_all, mm=b.mm), "attn.hook_v", il)
     if cfg.qk_norm_kind:
         q = qk_norm(sess, q, blk.t_q_norm_gamma, cfg)
         k = qk_norm(sess, k, blk.t_k_norm_gamma, cfg)

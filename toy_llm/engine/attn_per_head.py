@@ -17,7 +17,7 @@ def _q_projection(b: BuildContext, blk, hq: int, h):
     adapter = None
     if b.weights.lora_q_scale is not None and blk.t_lora_q_a is not None:
         adapter = (blk.t_lora_q_a, blk.t_lora_q_b_heads[hq], b.weights.lora_q_scale)
-    return project(b.sess, blk.t_w_q[hq], h, blk.t_b_q[hq] if blk.t_b_q else None, lora, adapter)
+    return project(b.sess, blk.t_w_q[hq], h, blk.t_b_q[hq] if blk.t_b_q else None, lora, adapter, b.mm)
 
 
 def _normed_heads(b: BuildContext, heads: list, gamma) -> list:
@@ -37,12 +37,13 @@ def _normed_heads(b: BuildContext, heads: list, gamma) -> list:
 def write_kv_heads(b: BuildContext, inp: GraphInputs, il: int, h) -> None:
     """Each KV head's K (projected, normed, roped) and V into the cache at the graph's position."""
     sess, cfg, blk = b.sess, b.cfg, b.weights.layers[il]
-    k_pre = [project(sess, blk.t_w_k[g], h, blk.t_b_k[g] if blk.t_b_k else None) for g in range(cfg.n_kv)]
+    k_pre = [project(sess, blk.t_w_k[g], h, blk.t_b_k[g] if blk.t_b_k else None, mm=b.mm) for g in range(cfg.n_kv)]
     if cfg.qk_norm_kind:
         k_pre = _normed_heads(b, k_pre, blk.t_k_norm_gamma)
     k = b.tap.heads([rope(sess, k_pre[g], inp.positions, cfg, il, b.weights.rope_freqs) for g in range(cfg.n_kv)],
                     "attn.hook_k", il)
-    v = b.tap.heads([project(sess, blk.t_w_v[g], h, blk.t_b_v[g] if blk.t_b_v else None) for g in range(cfg.n_kv)],
+    v = b.tap.heads([project(sess, blk.t_w_v[g], h, blk.t_b_v[g] if blk.t_b_v else None, mm=b.mm)
+                     for g in range(cfg.n_kv)],
                     "attn.hook_v", il)
     for g in range(cfg.n_kv):
         b.cache.write_at(il, g, b.cache.rotate_k(k[g], 1), b.cache.rotate_v(v[g], 1), inp.last_pos)

@@ -21,6 +21,7 @@ from .graph import forward
 from .hook_points import READ_ONLY, Trace, hook_point
 from .inputs import GraphInputs
 from .interventions import dispatcher
+from .ops import tiled_matmul
 from .options import BACKENDS, EngineOptions
 from .weights import CopyWeights, MmapWeights, ModelWeights, declare_weights
 
@@ -127,7 +128,16 @@ class Engine:
     def context(self) -> BuildContext:
         if not self.realized:
             raise RuntimeError("the engine is not realized (or was closed)")
-        return BuildContext(self.sess, self.cfg, self.weights, self.cache, self.trace)
+        return BuildContext(self.sess, self.cfg, self.weights, self.cache, self.trace, self.mm)
+
+    @property
+    def mm(self):
+        """The weight product of inference graphs: the tiled Q4_1 kernel where it runs (the CPU
+        backend, a CPU and ggml build that pass its bit-exactness self-test), else ggml_mul_mat."""
+        if (self.opts.q4_1_tiles and tnn.tnn_session_backend_kind(self.sess) == 0
+                and tnn.tnn_q4_1_tiles_available()):
+            return tiled_matmul
+        return tnn.tnn_matmul
 
     # ------------------------------------------------------------------ graphs
 

@@ -28,7 +28,7 @@ def layer(b: BuildContext, inp: GraphInputs, il: int, x, attention: Callable):
     x = tap(x, "hook_resid_pre", il)
     h = tap(norm(sess, x, blk.t_rn1_gamma, cfg), "ln1.hook_normalized", il)
     z = tap(attention(b, inp, il, h), "attn.hook_z", il)
-    attn = tap(tnn.tnn_matmul(sess, blk.t_w_o, z), "hook_attn_out", il)
+    attn = tap(b.mm(sess, blk.t_w_o, z), "hook_attn_out", il)
     if il == cfg.n_layers - 1 and inp.out_rows is not None:
         # llama.cpp (inp_out_ids): the last layer goes on only with the positions whose logits
         # are wanted, from right after the attention output
@@ -40,7 +40,8 @@ def layer(b: BuildContext, inp: GraphInputs, il: int, x, attention: Callable):
         attn = tnn.tnn_scale(sess, attn, cfg.residual_scale)
     x = tap(tnn.tnn_add(sess, x, attn), "hook_resid_mid", il)
     h = tap(norm(sess, x, blk.t_rn2_gamma, cfg), "ln2.hook_normalized", il)
-    out = tap((moe_ffn if cfg.is_moe else ffn)(sess, h, blk, cfg, tap, il), "hook_mlp_out", il)
+    mlp = moe_ffn(sess, h, blk, cfg, tap, il) if cfg.is_moe else ffn(sess, h, blk, cfg, tap, il, b.mm)
+    out = tap(mlp, "hook_mlp_out", il)
     if cfg.post_norms:
         out = tap(norm(sess, out, blk.t_post_ffn_norm_gamma, cfg), "ln2_post.hook_normalized", il)
     if cfg.residual_scale != 1.0:
@@ -55,7 +56,7 @@ def unembed(b: BuildContext, h):
     """Logits of the final-normed ``h``: the output matrix (the embedding table when tied), Granite's
     scale, Gemma 2's soft-cap."""
     sess, cfg = b.sess, b.cfg
-    logits = tnn.tnn_matmul(sess, b.weights.out_matrix, h)
+    logits = b.mm(sess, b.weights.out_matrix, h)
     if cfg.logit_scale != 1.0:   # Granite divides the logits
         logits = tnn.tnn_scale(sess, logits, f32_div(1.0, cfg.logit_scale))
     return softcap(sess, logits, cfg.final_softcap)

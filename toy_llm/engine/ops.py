@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import tinynn as tnn
-from ..ggml_types import GGML_TYPE_F16, GGML_TYPE_F32
+from ..ggml_types import GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_1
 from ..gguf_load import ModelConfig
 from .cache import KVCache
 
@@ -35,12 +35,28 @@ def softcap(sess, x, cap: float):
     return tnn.tnn_scale(sess, tnn.tnn_tanh(sess, x), cap)
 
 
-def project(sess, w, x, bias=None, lora=None, adapter=None):
-    """w x (+ B (A x) for a LoRA pair ``lora`` = (A, B)) (+ s B' (A' x) for an inference adapter
+TILES_MAX_K = 16384   # q4_1_tiles.c keeps a row's column scales on the stack
+
+
+def tiled_matmul(sess, w, x):
+    """w x, as tnn_matmul computes it, through the tiled Q4_1 kernel (tnn_mul_mat_q4_1_tiles: bit
+    for bit ggml_mul_mat's numbers, about twice as fast for 4 or more columns) where w is a 2-D
+    Q4_1 weight and x a 2-D F32 matrix with contiguous rows; through tnn_matmul otherwise."""
+    k = tnn.tnn_tensor_ne(w, 0)
+    if (tnn.tnn_tensor_type(w) == GGML_TYPE_Q4_1 and tnn.tnn_tensor_type(x) == GGML_TYPE_F32
+            and tnn.tnn_tensor_ne(w, 2) == tnn.tnn_tensor_ne(w, 3) == 1
+            and tnn.tnn_tensor_ne(x, 2) == tnn.tnn_tensor_ne(x, 3) == 1
+            and tnn.tnn_tensor_nb(x, 0) == 4 and k % 32 == 0 and k <= TILES_MAX_K):
+        return tnn.tnn_mul_mat_q4_1_tiles(sess, w, x)
+    return tnn.tnn_matmul(sess, w, x)
+
+
+def project(sess, w, x, bias=None, lora=None, adapter=None, mm=tnn.tnn_matmul):
+    """mm(w, x) (+ B (A x) for a LoRA pair ``lora`` = (A, B)) (+ s B' (A' x) for an inference adapter
     ``adapter`` = (A', B', s)) (+ bias): both before the bias, as HF and llama.cpp place them.
     The adapter term is llama.cpp's build_lora_mm: ggml_scale of B (A x) by s (always, also at
-    s = 1), then added to w x."""
-    t = tnn.tnn_matmul(sess, w, x)
+    s = 1), then added to w x. ``mm`` is the weight product (BuildContext.mm)."""
+    t = mm(sess, w, x)
     if lora is not None:
         a, b = lora
         t = tnn.tnn_add(sess, t, tnn.tnn_matmul(sess, b, tnn.tnn_matmul(sess, a, x)))
@@ -109,15 +125,15 @@ def ffn_act(sess, t, cfg: ModelConfig):
     return tnn.tnn_gelu(sess, t) if cfg.ffn_act == "gelu" else tnn.tnn_silu(sess, t)
 
 
-def ffn(sess, x, blk, cfg: ModelConfig, tap, il: int):
-    """Gated FFN: down(act(gate x) * up x)."""
-    gate = tap(tnn.tnn_matmul(sess, blk.t_w_gate, x), "mlp.hook_pre", il)
-    up = tap(tnn.tnn_matmul(sess, blk.t_w_up, x), "mlp.hook_pre_linear", il)
+def ffn(sess, x, blk, cfg: ModelConfig, tap, il: int, mm):
+    """Gated FFN: down(act(gate x) * up x), each product mm(sess, w, x) (BuildContext.mm)."""
+    gate = tap(mm(sess, blk.t_w_gate, x), "mlp.hook_pre", il)
+    up = tap(mm(sess, blk.t_w_up, x), "mlp.hook_pre_linear", il)
     if cfg.ffn_act == "silu":   # one op, as llama.cpp's build_ffn (LLM_FFN_SILU, LLM_FFN_PAR)
         gated = tap(tnn.tnn_swiglu_split(sess, gate, up), "mlp.hook_post", il)
     else:
         gated = tap(tnn.tnn_mul(sess, ffn_act(sess, gate, cfg), up), "mlp.hook_post", il)
-    return tnn.tnn_matmul(sess, blk.t_w_down, gated)
+    return mm(sess, blk.t_w_down, gated)
 
 
 def moe_ffn(sess, x, blk, cfg: ModelConfig, tap, il: int):

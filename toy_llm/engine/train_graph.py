@@ -21,7 +21,7 @@ graph has an op without backward between the adapters and the loss; the shim che
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -194,7 +194,7 @@ def layer(b: BuildContext, il: int, x, positions, masks: dict, lora_scale: float
     if cfg.residual_scale != 1.0:
         attn = tnn.tnn_scale(sess, attn, cfg.residual_scale)
     x = tnn.tnn_add(sess, x, attn)
-    out = ffn(sess, norm(sess, x, blk.t_rn2_gamma, cfg), blk, cfg, _no_tap, il)
+    out = ffn(sess, norm(sess, x, blk.t_rn2_gamma, cfg), blk, cfg, _no_tap, il, b.mm)
     if cfg.post_norms:
         out = norm(sess, out, blk.t_post_ffn_norm_gamma, cfg)
     if cfg.residual_scale != 1.0:
@@ -204,6 +204,7 @@ def layer(b: BuildContext, il: int, x, positions, masks: dict, lora_scale: float
 
 def _forward_rows(b: BuildContext, n_tokens: int, n_rows: int, lora_scale: float):
     """Inputs and the logits [vocab, n_rows] of the chosen rows of an n_tokens sequence."""
+    b = replace(b, mm=tnn.tnn_matmul)   # ggml_mul_mat: it has a backward, the tiled Q4_1 kernel has none
     sess, cfg = b.sess, b.cfg
     tokens = tnn.tnn_input_1d_i32(sess, n_tokens)
     positions = tnn.tnn_input_1d_i32_ctx(sess, n_tokens)
