@@ -59,13 +59,13 @@ row_x_cols(int nc, int nb, const q4_1_block * x, const q8_1_block * const * y, c
     for (int c = 0; c < nc; c++) acc[c] = _mm256_setzero_ps();
     __m128 summs = _mm_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const float d0 = _cvtsh_ss(x[b].d);
+        const __m256 d0 = _mm256_set1_ps(_cvtsh_ss(x[b].d));
         summs = _mm_fmadd_ps(_mm_set1_ps(_cvtsh_ss(x[b].m)), _mm_loadu_ps(ys + TILE_COLS * b), summs);
         const __m128i tmp = _mm_loadu_si128((const __m128i *) x[b].qs);
         const __m256i qx = _mm256_and_si256(low_mask, _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp));
 #pragma GCC unroll 4
         for (int c = 0; c < nc; c++) {
-            const __m256 d0d1 = _mm256_set1_ps(d0 * yd[TILE_COLS * b + c]);
+            const __m256 d0d1 = _mm256_mul_ps(d0, _mm256_broadcast_ss(yd + TILE_COLS * b + c));   /* d_x * d_y */
             const __m256i qy = _mm256_loadu_si256((const __m256i *) y[c][b].qs);
             const __m256 xy = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(qx, qy)));
             acc[c] = _mm256_fmadd_ps(d0d1, xy, acc[c]);
