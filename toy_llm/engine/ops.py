@@ -41,9 +41,11 @@ TILES_MAX_K = 16384   # q4_1_tiles.c keeps a row's column scales on the stack
 def tiled_matmul(sess, w, x):
     """w x, as tnn_matmul computes it, through the tiled Q4_1 kernel (tnn_mul_mat_q4_1_tiles: bit
     for bit ggml_mul_mat's numbers, about twice as fast for 4 or more columns) where w is a 2-D
-    Q4_1 weight and x a 2-D F32 matrix with contiguous rows; through tnn_matmul otherwise."""
+    Q4_1 weight and x a 2-D F32 matrix of 2 or more columns with contiguous rows; through
+    tnn_matmul otherwise (one column shares nothing: there ggml's kernel is as fast)."""
     k = tnn.tnn_tensor_ne(w, 0)
     if (tnn.tnn_tensor_type(w) == GGML_TYPE_Q4_1 and tnn.tnn_tensor_type(x) == GGML_TYPE_F32
+            and tnn.tnn_tensor_ne(x, 1) >= 2
             and tnn.tnn_tensor_ne(w, 2) == tnn.tnn_tensor_ne(w, 3) == 1
             and tnn.tnn_tensor_ne(x, 2) == tnn.tnn_tensor_ne(x, 3) == 1
             and tnn.tnn_tensor_nb(x, 0) == 4 and k % 32 == 0 and k <= TILES_MAX_K):
