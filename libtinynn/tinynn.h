@@ -133,12 +133,13 @@ int          tnn_upload_from_float_array(tnn_session * sess, tnn_tensor * t, con
 /* ---- ops (each returns a new tensor in the compute context) ---- */
 tnn_tensor * tnn_get_rows(tnn_session * sess, tnn_tensor * table, tnn_tensor * ids);
 tnn_tensor * tnn_matmul(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);    /* ggml_mul_mat(w, x): ne=[w.ne1, x.ne1, ...] */
-/* The same product for a 2-D Q4_1 w and F32 x on the CPU backend, bit for bit ggml_mul_mat's, with a
- * kernel that unpacks each weight block once per four columns of x (q4_1_tiles.c): x is quantized
- * to Q8_1 by a ggml_cpy node, then one custom node multiplies. No backward (inference graphs only).
- * tnn_q4_1_tiles_available: 1 where this CPU and ggml build pass its bit-exactness self-test. */
-int tnn_q4_1_tiles_available(void);
-tnn_tensor * tnn_mul_mat_q4_1_tiles(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);
+/* The same product for a 2-D Q4_1, Q5_0 or Q8_0 w and a 2-D F32 x on the CPU backend, bit for bit
+ * ggml_mul_mat's for 2 or more columns, by kernels that unpack each weight block once per four
+ * columns of x (tiles.c): x is quantized (Q8_1 / Q8_0) by a ggml_cpy node, then one custom node
+ * multiplies. No backward (inference graphs only). tnn_tiles_available(type): 1 where this CPU and
+ * ggml build pass the kernel's bit-exactness self-test against ggml_mul_mat for that weight type. */
+int tnn_tiles_available(int type);
+tnn_tensor * tnn_mul_mat_tiles(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);
 tnn_tensor * tnn_add(tnn_session * sess, tnn_tensor * a, tnn_tensor * b);       /* b broadcasts over a */
 tnn_tensor * tnn_mul(tnn_session * sess, tnn_tensor * a, tnn_tensor * b);
 tnn_tensor * tnn_scale(tnn_session * sess, tnn_tensor * a, float s);

@@ -241,21 +241,24 @@ def test_matmul(type_id, data, seed):
     record(f"matmul[{TYPE_NAMES[type_id]}] err/(|x||w|)", (err / (tol / MATMUL_TOL[type_id])).max())
 
 
-needs_tiles = pytest.mark.skipif(TEST_BACKEND != "cpu" or not T.tnn_q4_1_tiles_available(),
-                                 reason="the tiled Q4_1 kernel runs on x86-64 CPUs with AVX2/FMA/F16C only")
+TILED_TYPES = [GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q8_0]
+needs_tiles = pytest.mark.skipif(TEST_BACKEND != "cpu" or not all(T.tnn_tiles_available(t) for t in TILED_TYPES),
+                                 reason="the tiled kernels run on x86-64 CPUs with AVX2/FMA/F16C only")
 
 
 @needs_tiles
-@settings(max_examples=ex(40), **SETTINGS)
+@pytest.mark.parametrize("type_id", TILED_TYPES, ids=lambda t: TYPE_NAMES[t])
+@settings(max_examples=ex(30), **SETTINGS)
 @given(data=st.data(), seed=seeds)
-def test_mul_mat_q4_1_tiles(data, seed):
-    """The tiled Q4_1 kernel: bit for bit ggml_mul_mat (tnn_matmul) on the same weight and input, on
-    every drawn shape (column counts around its 4-column tiles, row counts around its 64-row blocks
-    and the thread split, weight-row views as the per-head graph takes), and float64 numpy within
-    the Q4_1 matmul tolerance."""
+def test_mul_mat_tiles(type_id, data, seed):
+    """The tiled kernels: bit for bit ggml_mul_mat (tnn_matmul) on the same weight and input, on every
+    drawn shape (column counts around the 4-column tiles, row counts around the 64-row blocks and
+    the thread split, weight-row views as the per-head graph takes), and float64 numpy within the
+    type's matmul tolerance. ggml's kernel for 2 or more columns differs by type (Q4_1: vec_dot per
+    row and column; Q5_0, Q8_0: tinyBLAS), so each type has its own reduction order to match."""
     k = 32 * data.draw(st.integers(1, 24), label="k blocks")
     m = data.draw(st.integers(1, 140), label="rows of W")
-    n = data.draw(st.integers(1, 13), label="tokens")
+    n = data.draw(st.integers(2, 13), label="tokens")
     r0 = data.draw(st.integers(0, m - 1), label="first row of the view")
     rows = data.draw(st.integers(1, m - r0), label="rows of the view")
     threads = data.draw(st.integers(1, 4), label="threads")
@@ -263,40 +266,42 @@ def test_mul_mat_q4_1_tiles(data, seed):
     W = rng_normal(seed, m, k)
     X = rng_normal(seed + 1, n, k, scale=scale)
     outs = []
-    for mm in (T.tnn_matmul, T.tnn_mul_mat_q4_1_tiles):
+    for mm in (T.tnn_matmul, T.tnn_mul_mat_tiles):
         with session() as s:
             T.tnn_session_set_n_threads(s, threads)
             g = Graph(s)
-            w, Wh = g.weight_typed(W, GGML_TYPE_Q4_1)
+            w, Wh = g.weight_typed(W, type_id)
             wv = T.tnn_view_2d_persistent(s, w, k, rows, T.tnn_tensor_nb(w, 1), r0 * T.tnn_tensor_nb(w, 1))
             g.finalize()
             y = mm(s, wv, g.inp(X))
             assert [T.tnn_tensor_ne(y, d) for d in range(4)] == [rows, n, 1, 1]
             outs.append(g.run(y).astype(np.float32))
-    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)), "tiled Q4_1 differs from ggml_mul_mat"
+    name = TYPE_NAMES[type_id]
+    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)), f"tiled {name} differs from ggml_mul_mat"
     Wv = Wh[r0:r0 + rows]
     ref = X.astype(np.float64) @ Wv.T
-    check_close("mul_mat_q4_1_tiles", outs[1].astype(np.float64), ref, matmul_tol(GGML_TYPE_Q4_1, X, Wv))
+    check_close(f"mul_mat_tiles[{name}]", outs[1].astype(np.float64), ref, matmul_tol(type_id, X, Wv))
 
 
 @needs_tiles
-def test_mul_mat_q4_1_tiles_checks_its_operands():
+def test_mul_mat_tiles_checks_its_operands():
     with session() as s:
         g = Graph(s)
         w32, _ = g.weight_typed(np.zeros((4, 64), np.float32), GGML_TYPE_F32)
         w41, _ = g.weight_typed(np.zeros((4, 64), np.float32), GGML_TYPE_Q4_1)
         g.finalize()
         x = g.inp(np.zeros((3, 64), np.float32))
-        with pytest.raises(T.TinyNNError, match="tnn_mul_mat_q4_1_tiles: 'w' must be q4_1 and 'x' f32, got f32"):
-            T.tnn_mul_mat_q4_1_tiles(s, w32, x)
-        with pytest.raises(T.TinyNNError, match="tnn_mul_mat_q4_1_tiles: w .K, M. and x .K, N. must be 2-D"):
-            T.tnn_mul_mat_q4_1_tiles(s, w41, g.inp(np.zeros((3, 32), np.float32)))
+        with pytest.raises(T.TinyNNError, match="tnn_mul_mat_tiles: 'w' must be q4_1, q5_0 or q8_0 and 'x' f32, got f32"):
+            T.tnn_mul_mat_tiles(s, w32, x)
+        with pytest.raises(T.TinyNNError, match="tnn_mul_mat_tiles: w .K, M. and x .K, N. must be 2-D"):
+            T.tnn_mul_mat_tiles(s, w41, g.inp(np.zeros((3, 32), np.float32)))
         with pytest.raises(T.TinyNNError, match="must be 2-D"):
-            T.tnn_mul_mat_q4_1_tiles(s, w41, T.tnn_input_4d(s, GGML_TYPE_F32, 64, 3, 2, 1))
+            T.tnn_mul_mat_tiles(s, w41, T.tnn_input_4d(s, GGML_TYPE_F32, 64, 3, 2, 1))
         with pytest.raises(T.TinyNNError, match="contiguous rows"):
-            T.tnn_mul_mat_q4_1_tiles(s, w41, T.tnn_permute(s, g.inp(np.zeros((64, 3), np.float32)), 1, 0, 2, 3))
+            T.tnn_mul_mat_tiles(s, w41, T.tnn_permute(s, g.inp(np.zeros((64, 3), np.float32)), 1, 0, 2, 3))
         with pytest.raises(T.TinyNNError, match="'w'"):
-            T.tnn_mul_mat_q4_1_tiles(s, None, x)
+            T.tnn_mul_mat_tiles(s, None, x)
+    assert T.tnn_tiles_available(GGML_TYPE_F32) == 0 and T.tnn_tiles_available(-1) == 0 and T.tnn_tiles_available(10**6) == 0
 
 
 @settings(max_examples=ex(10), **SETTINGS)

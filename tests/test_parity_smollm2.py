@@ -146,11 +146,11 @@ def test_batched_prefill_matches_llama_cpp_batched(smollm2, tokens, kv_type, fla
     """A prompt evaluated n_batch positions per graph (fused heads) against llama.cpp evaluating it in
     ubatches of the same size: the batched kernels (GEMM instead of GEMV, Q8 activations of several
     rows) give numbers of their own, and they are llama.cpp's own. Where this CPU runs it, our Q4_1
-    weight products go through the tiled kernel (q4_1_tiles.c), so this is its parity test too."""
+    weight products go through the tiled kernel (tiles.c), so this is its parity test too."""
     ref = ubatch_logits(smollm2, tokens, kv_type, flash, n_batch)
     with toy_llm.load(smollm2, max_T=512, kv_type=kv_type, flash_attn=flash, n_batch=n_batch) as m:
         assert m.options.graph == "fused"   # the default graph
-        if tnn.tnn_q4_1_tiles_available():
+        if tnn.tnn_tiles_available(tnn.GGML_TYPE_Q4_1):
             assert m.cache.engine.mm is tiled_matmul
         ours = m.eval(tokens)
     max_abs, agree = report(f"SmolLM2 Q4_1 kv={kv_type} batched prefill n_batch={n_batch}", ours, ref)

@@ -68,7 +68,7 @@ def _toy_load(spec: dict, max_t: int, **kw):
     import toy_llm
 
     opts = dict(max_T=max_t, n_threads=spec["threads"], kv_type=spec["kv_type"], graph=spec["graph"],
-                threadpool=spec.get("threadpool", False), q4_1_tiles=spec.get("q4_1_tiles", True))
+                threadpool=spec.get("threadpool", False), tiles=spec.get("tiles", True))
     opts.update(kw)
     return toy_llm.load(spec["model"], **opts)
 
@@ -382,7 +382,7 @@ def _workloads(model: str, sizes: Sizes) -> dict:
 
 def run_table(model: str, threads: int, rounds: int = 3, groups=GROUPS, graphs=("fused", "per_head"),
               kv_type: str = "f16", sizes: Sizes = Sizes(), threadpool: bool = False, python: str | None = None,
-              progress=None, q4_1_tiles: bool = True) -> dict:
+              progress=None, tiles: bool = True) -> dict:
     """Run the bench; returns {"header": [(key, value)], "rows": [Row], "cells": {row: {engine: median}},
     "runs": {(row, engine): [values]}, "results": {(group, engine): [worker dicts]}, "errors": [...],
     "engines": [...], "sizes": Sizes, "rounds": n}. ``progress(str)`` is told of every worker."""
@@ -391,7 +391,7 @@ def run_table(model: str, threads: int, rounds: int = 3, groups=GROUPS, graphs=(
     engines = [e for e in ("fused", "per_head") if e in graphs] + (["llama_cpp"] if lv else [])
     model = os.path.abspath(model)
     work = _workloads(model, sizes)
-    base = {"model": model, "threads": threads, "kv_type": kv_type, "threadpool": threadpool, "q4_1_tiles": q4_1_tiles,
+    base = {"model": model, "threads": threads, "kv_type": kv_type, "threadpool": threadpool, "tiles": tiles,
             "sizes": asdict(sizes), "eog": work["eog"]}
     runs: dict = {}
     results: dict = {}
@@ -430,8 +430,8 @@ def run_table(model: str, threads: int, rounds: int = 3, groups=GROUPS, graphs=(
               ("llama-cpp-python", lv or "not installed (no ratios)"),
               ("model", f"{os.path.basename(model)} ({os.path.getsize(model) / 2**20:.1f} MiB)"),
               ("KV type", f"{kv_type} (the peak RSS rows: theirs), n_batch = n_ubatch = 512, "
-                          f"threadpool {'on' if threadpool else 'off'}, Q4_1 weights by "
-                          f"{'the tiled kernel' if q4_1_tiles else 'ggml_mul_mat'}"),
+                          f"threadpool {'on' if threadpool else 'off'}, Q4_1/Q5_0/Q8_0 weights by "
+                          f"{'the tiled kernels' if tiles else 'ggml_mul_mat'}"),
               ("method", f"one fresh process per (round, measurement, engine), interleaved, median of {rounds} "
                          f"round{'s' if rounds != 1 else ''}; ratios: the median of the rounds' ratios; the whole "
                          f"run took {time.time() - t_all:.0f} s")]
@@ -565,7 +565,7 @@ def main(args) -> int:
         raise FileNotFoundError(f"bench: no model file {model}")
     threads = args.threads or os.cpu_count()
     t = run_table(model, threads, rounds, groups, graphs, args.kv_type, sizes, args.threadpool,
-                  progress=lambda s: print(s, file=sys.stderr, flush=True), q4_1_tiles=args.q4_1_tiles)
+                  progress=lambda s: print(s, file=sys.stderr, flush=True), tiles=args.tiles)
     print("\n".join(table_lines(t, markdown=args.markdown)))
     return 1 if t["errors"] else 0
 

@@ -39,9 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threadpool", action="store_true",
                    help="CPU: keep the worker threads alive between graphs (ggml's threadpool) instead of starting "
                         "them in every compute, as llama.cpp does by default")
-    p.add_argument("--no-q4-1-tiles", dest="q4_1_tiles", action="store_false",
-                   help="CPU: multiply Q4_1 weights with ggml_mul_mat instead of toy_llm's tiled kernel (the same "
-                        "numbers bit for bit, slower: for A/B timing)")
+    p.add_argument("--no-tiles", dest="tiles", action="store_false",
+                   help="CPU: multiply Q4_1, Q5_0 and Q8_0 weights with ggml_mul_mat instead of toy_llm's tiled "
+                        "kernels (the same numbers bit for bit, slower for batches: for A/B timing)")
 
 
 def _load(args, n_seq: int = 1):
@@ -50,7 +50,7 @@ def _load(args, n_seq: int = 1):
     return load(args.model, max_T=args.max_t, n_seq=n_seq, n_threads=args.threads, backend=args.backend,
                 kv_type=args.kv_type, flash_attn=args.flash_attn, loader=args.loader, graph=args.graph,
                 n_batch=args.batch, progress=args.loader == "copy", threadpool=args.threadpool,
-                q4_1_tiles=args.q4_1_tiles, lora=getattr(args, "lora", None), lora_scale=getattr(args, "lora_scale", 1.0))
+                tiles=args.tiles, lora=getattr(args, "lora", None), lora_scale=getattr(args, "lora_scale", 1.0))
 
 
 def _control_vector(m, spec: str) -> None:
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each (round, measurement, engine) is a fresh process; rounds are interleaved and every cell\n"
                     "is the median of --rounds. The per-head graph (one position per graph) shows n/a in rows 4-6.\n"
                     "About 5 minutes for SmolLM2-135M on 2 threads. The table reads -m, -t, --kv-type (rows 1-6)\n"
-                    "--threadpool and --no-q4-1-tiles; the other model options are the old sections'.\n\n"
+                    "--threadpool and --no-tiles; the other model options are the old sections'.\n\n"
                     "The older single-process sections: --overhead (binding call overhead, and one prompt/decode\n"
                     "line of --graph), --llama-cpp, --hooks, --speculative (each with that line).")
     b.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median taken (default 3; 1 with --quick)")

@@ -544,7 +544,7 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
          backend: str = "cpu", kv_type: str = "f16", flash_attn: bool = False, loader: str = "mmap",
          weight_type: int | None = None, progress: bool = False, graph: str = "fused",
          n_batch: int = LLAMA_N_BATCH, lora=None, lora_scale: float = 1.0, threadpool: bool = False,
-         n_seq: int = 1, q4_1_tiles: bool = True) -> Model:
+         n_seq: int = 1, tiles: bool = True) -> Model:
     """Load a GGUF (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
 
     ``graph="fused"`` (default) builds llama.cpp's graph, all heads of a layer in one tensor, and
@@ -555,13 +555,13 @@ def load(path: str | os.PathLike | None = None, max_T: int = 2048, n_threads: in
     with 2-D weights at ``weight_type`` (default: the file's own type; 0 = F32, 8 = Q8_0).
     ``kv_type="q8_0"`` also turns flash attention on, as in the seed. ``lora``: a LoRA-Q adapter
     (llama.cpp LoRA GGUF path or a LoraAdapter) applied at ``lora_scale`` (see Model.set_lora).
-    ``q4_1_tiles=False`` multiplies Q4_1 weights with ggml_mul_mat instead of the tiled kernel (the
-    same numbers, slower; README, "Speed").
+    ``tiles=False`` multiplies Q4_1, Q5_0 and Q8_0 weights with ggml_mul_mat instead of the tiled
+    kernels (the same numbers, slower for batches; README, "Speed").
     """
     n_threads = os.cpu_count() if n_threads is None else n_threads   # 0 is refused, not read as "all"
     opts = EngineOptions(backend=backend, n_threads=n_threads, kv_type=kv_type,
                          flash_attn=flash_attn, graph=graph, n_batch=n_batch, loader=loader, weight_type=weight_type,
-                         threadpool=threadpool, n_seq=n_seq, q4_1_tiles=q4_1_tiles)
+                         threadpool=threadpool, n_seq=n_seq, tiles=tiles)
     if type(max_T) is not int or max_T < 1:
         raise ValueError(f"max_T must be a positive int, got {max_T!r}")
     if path is None:

@@ -132,10 +132,9 @@ class Engine:
 
     @property
     def mm(self):
-        """The weight product of inference graphs: the tiled Q4_1 kernel where it runs (the CPU
-        backend, a CPU and ggml build that pass its bit-exactness self-test), else ggml_mul_mat."""
-        if (self.opts.q4_1_tiles and tnn.tnn_session_backend_kind(self.sess) == 0
-                and tnn.tnn_q4_1_tiles_available()):
+        """The weight product of inference graphs: on the CPU backend ops.tiled_matmul (the tiled
+        kernels where they apply), else ggml_mul_mat."""
+        if self.opts.tiles and tnn.tnn_session_backend_kind(self.sess) == 0:
             return tiled_matmul
         return tnn.tnn_matmul
 

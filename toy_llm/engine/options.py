@@ -33,7 +33,7 @@ class EngineOptions:
     weight_type: int | None = None
     repack_weights: bool = True   # CPU: matmul weights in ggml's CPU_REPACK layout where llama.cpp uses it
     threadpool: bool = False      # CPU: keep the worker threads between computes (README, "Speed")
-    q4_1_tiles: bool = True       # CPU: Q4_1 weight products by the tiled kernel (ggml_mul_mat's numbers, faster)
+    tiles: bool = True            # CPU: Q4_1/Q5_0/Q8_0 weight products by the tiled kernels (ggml's numbers, faster)
     n_seq: int = 1                # sequence slots in the KV cache (max_T cells each), fused graph only
     # (rank, layers) of an inference LoRA-Q adapter: its F32 A / B are declared with the weights
     lora_q_slots: tuple[int, tuple[int, ...]] | None = None

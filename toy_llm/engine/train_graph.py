@@ -204,7 +204,7 @@ def layer(b: BuildContext, il: int, x, positions, masks: dict, lora_scale: float
 
 def _forward_rows(b: BuildContext, n_tokens: int, n_rows: int, lora_scale: float):
     """Inputs and the logits [vocab, n_rows] of the chosen rows of an n_tokens sequence."""
-    b = replace(b, mm=tnn.tnn_matmul)   # ggml_mul_mat: it has a backward, the tiled Q4_1 kernel has none
+    b = replace(b, mm=tnn.tnn_matmul)   # ggml_mul_mat: it has a backward, the tiled kernels have none
     sess, cfg = b.sess, b.cfg
     tokens = tnn.tnn_input_1d_i32(sess, n_tokens)
     positions = tnn.tnn_input_1d_i32_ctx(sess, n_tokens)
