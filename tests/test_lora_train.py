@@ -304,6 +304,27 @@ def test_shim_refuses_ops_without_backward(op_name, ggml_op):
         tnn.tnn_session_free(sess)
 
 
+@pytest.mark.skipif(not tnn.tnn_tiles_available(tnn.GGML_TYPE_Q4_1), reason="no tiled Q4_1 kernel on this CPU")
+def test_shim_refuses_a_backward_through_the_tiled_kernel():
+    """The tiled weight product (a ggml custom op over Q8_1-quantized activations) has no backward:
+    the shim refuses, naming the op, instead of letting ggml_build_backward_expand abort
+    (inference graphs use it; training graphs do not)."""
+    sess = tnn.tnn_session_new(0)
+    try:
+        p = tnn.tnn_input_2d_f32_persistent(sess, 2, 32)
+        tnn.tnn_set_param(p)
+        w = tnn.tnn_input_2d_weight_typed(sess, 4, 32, tnn.GGML_TYPE_Q4_1)
+        tnn.tnn_finalize_weights(sess)
+        tnn.tnn_reset_for_training(sess)
+        y = tnn.tnn_mul_mat_tiles(sess, w, p)
+        labels = tnn.tnn_input_4d(sess, tnn.GGML_TYPE_F32, *[tnn.tnn_tensor_ne(y, d) for d in range(4)])
+        loss = tnn.tnn_cross_entropy_loss(sess, y, labels)
+        with pytest.raises(tnn.TinyNNError, match=r"tnn_build_backward: op CUSTOM "):
+            tnn.tnn_build_backward(sess, loss)
+    finally:
+        tnn.tnn_session_free(sess)
+
+
 def test_shim_backward_checks():
     sess, p, loss = _param_graph("silu")
     try:
