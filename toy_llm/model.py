@@ -121,6 +121,10 @@ class Model:
                 parts.append(self.cache.step_batch(chunk, self.n_past, all_logits=all_logits))
                 self.n_past += len(chunk)
             return np.concatenate(parts) if all_logits else parts[-1]
+        if len(tokens) == 1:   # a decode step: its logits as they come, without a second 1 MB copy (Gemma)
+            logits = self.cache.step(tokens[0], self.n_past)
+            self.n_past += 1
+            return logits.reshape(1, -1)
         out = np.empty((len(tokens), self.config.vocab), dtype=np.float32)
         for i, tok in enumerate(tokens):
             out[i] = self.cache.step(tok, self.n_past)
