@@ -94,7 +94,8 @@ def test_f16_kv_cache_matches_llama_cpp(model_dir, family, graph, n_batch):
     assert max_abs <= BOUND
 
 
-BATCHED_MATRIX = [(f, "Q4_K") for f in synthetic.FAMILIES] + [("llama", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q6_K")]
+# Q4_1, Q5_0 and Q8_0 batches go through the tiled kernels (tiles.c)
+BATCHED_MATRIX = [(f, "Q4_K") for f in synthetic.FAMILIES] + [("llama", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q6_K", "Q4_1", "Q5_0")]
 
 
 @pytest.mark.parametrize("kv_type,flash", KV_SETTINGS, ids=["kv_f32", "kv_q8_0_fa"])
