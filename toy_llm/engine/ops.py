@@ -47,7 +47,8 @@ def tiled_matmul(sess, w, x):
     machine runs it for (tnn_tiles_available) and x a 2-D F32 matrix of at least TILES_MIN_COLS
     columns with contiguous rows; through tnn_matmul otherwise."""
     k, w_type = tnn.tnn_tensor_ne(w, 0), tnn.tnn_tensor_type(w)
-    if (tnn.tnn_tensor_ne(x, 1) >= TILES_MIN_COLS.get(w_type, 1 << 62) and tnn.tnn_tensor_type(x) == GGML_TYPE_F32
+    min_cols = TILES_MIN_COLS.get(w_type)
+    if (min_cols is not None and tnn.tnn_tensor_ne(x, 1) >= min_cols and tnn.tnn_tensor_type(x) == GGML_TYPE_F32
             and tnn.tnn_tensor_ne(w, 2) == tnn.tnn_tensor_ne(w, 3) == 1
             and tnn.tnn_tensor_ne(x, 2) == tnn.tnn_tensor_ne(x, 3) == 1
             and tnn.tnn_tensor_nb(x, 0) == 4 and k % 32 == 0 and k <= TILES_MAX_K
