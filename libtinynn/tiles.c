@@ -258,38 +258,55 @@ int tnn_tiles_available(int type) {
 #endif
 }
 
+/* Whether w x can take a tiled kernel; with fn, a refusal says why through tnn_set_error (the
+ * one place both tnn_mul_mat_tiles and the query tnn_tiles_apply decide it). */
+static bool tiles_fit(const tnn_session * sess, const struct ggml_tensor * w, const struct ggml_tensor * x,
+                      const char * fn) {
+    if (!tiled_type(w->type) || x->type != GGML_TYPE_F32) {
+        if (fn) tnn_set_error("%s: 'w' must be q4_1, q5_0 or q8_0 and 'x' f32, got %s and %s", fn,
+                              ggml_type_name(w->type), ggml_type_name(x->type));
+        return false;
+    }
+    if (!tnn_tiles_available(w->type)) {
+        if (fn) tnn_set_error("%s: this CPU or ggml build has no bit-exact tiled %s kernel (use tnn_matmul)", fn,
+                              ggml_type_name(w->type));
+        return false;
+    }
+    if (sess->kind != 0) {
+        if (fn) tnn_set_error("%s: the tiled kernels run on the CPU backend only (use tnn_matmul)", fn);
+        return false;
+    }
+    if (w->ne[0] != x->ne[0] || w->ne[0] % 32 != 0 || w->ne[0] > 32 * MAX_BLOCKS || w->ne[2] != 1 || w->ne[3] != 1 ||
+        x->ne[2] != 1 || x->ne[3] != 1 || w->nb[0] != ggml_type_size(w->type) || x->nb[0] != sizeof(float)) {
+        if (fn) {
+            char sw[128], sx[128];
+            tnn_shape_str(w, sw, sizeof sw);
+            tnn_shape_str(x, sx, sizeof sx);
+            tnn_set_error("%s: w [K, M] and x [K, N] must be 2-D with contiguous rows, K a multiple of 32 and at most "
+                          "%d (got %s and %s)", fn, 32 * MAX_BLOCKS, sw, sx);
+        }
+        return false;
+    }
+    if (w->extra != NULL || (w->view_src != NULL && w->view_src->extra != NULL)) {   /* ggml's repacked layout */
+        if (fn) tnn_set_error("%s: 'w' is stored in ggml's CPU_REPACK layout, which this kernel does not read", fn);
+        return false;
+    }
+    return true;
+}
+
+int tnn_tiles_apply(tnn_session * sess, tnn_tensor * w, tnn_tensor * x) {
+    const char * fn = "tnn_tiles_apply";
+    if (!tnn_check_session(sess, fn) || !tnn_check_weight(sess, w, fn, "w") || !tnn_check_tensor(sess, x, fn, "x"))
+        return -1;
+    return tiles_fit(sess, w, x, NULL) ? 1 : 0;
+}
+
 tnn_tensor * tnn_mul_mat_tiles(tnn_session * sess, tnn_tensor * w, tnn_tensor * x) {
     const char * fn = "tnn_mul_mat_tiles";
     PROLOGUE(fn);
     if (!tnn_check_weight(sess, w, fn, "w")) return NULL;
     CHECK_T(x, "x");
-    if (!tiled_type(w->type) || x->type != GGML_TYPE_F32) {
-        tnn_set_error("%s: 'w' must be q4_1, q5_0 or q8_0 and 'x' f32, got %s and %s", fn, ggml_type_name(w->type),
-                      ggml_type_name(x->type));
-        return NULL;
-    }
-    if (!tnn_tiles_available(w->type)) {
-        tnn_set_error("%s: this CPU or ggml build has no bit-exact tiled %s kernel (use tnn_matmul)", fn,
-                      ggml_type_name(w->type));
-        return NULL;
-    }
-    if (sess->kind != 0) {
-        tnn_set_error("%s: the tiled kernels run on the CPU backend only (use tnn_matmul)", fn);
-        return NULL;
-    }
-    if (w->ne[0] != x->ne[0] || w->ne[0] % 32 != 0 || w->ne[0] > 32 * MAX_BLOCKS || w->ne[2] != 1 || w->ne[3] != 1 ||
-        x->ne[2] != 1 || x->ne[3] != 1 || w->nb[0] != ggml_type_size(w->type) || x->nb[0] != sizeof(float)) {
-        char sw[128], sx[128];
-        tnn_shape_str(w, sw, sizeof sw);
-        tnn_shape_str(x, sx, sizeof sx);
-        tnn_set_error("%s: w [K, M] and x [K, N] must be 2-D with contiguous rows, K a multiple of 32 and at most %d "
-                      "(got %s and %s)", fn, 32 * MAX_BLOCKS, sw, sx);
-        return NULL;
-    }
-    if (w->extra != NULL || (w->view_src != NULL && w->view_src->extra != NULL)) {
-        tnn_set_error("%s: 'w' is stored in ggml's CPU_REPACK layout, which this kernel does not read", fn);
-        return NULL;
-    }
+    if (!tiles_fit(sess, w, x, fn)) return NULL;
     enum ggml_type x_type = w->type == GGML_TYPE_Q4_1 ? GGML_TYPE_Q8_1 : GGML_TYPE_Q8_0;
     struct ggml_tensor * xq = ggml_cpy(sess->ctx_c, x, ggml_new_tensor_2d(sess->ctx_c, x_type, x->ne[0], x->ne[1]));
     struct ggml_tensor * args[2] = {w, xq};

@@ -139,6 +139,7 @@ tnn_tensor * tnn_matmul(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);    
  * multiplies. No backward (inference graphs only). tnn_tiles_available(type): 1 where this CPU and
  * ggml build pass the kernel's bit-exactness self-test against ggml_mul_mat for that weight type. */
 int tnn_tiles_available(int type);
+int tnn_tiles_apply(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);   /* 1: tnn_mul_mat_tiles takes w x, 0: not */
 tnn_tensor * tnn_mul_mat_tiles(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);
 tnn_tensor * tnn_add(tnn_session * sess, tnn_tensor * a, tnn_tensor * b);       /* b broadcasts over a */
 tnn_tensor * tnn_mul(tnn_session * sess, tnn_tensor * a, tnn_tensor * b);

@@ -301,6 +301,10 @@ def test_mul_mat_tiles_checks_its_operands():
             T.tnn_mul_mat_tiles(s, w41, T.tnn_permute(s, g.inp(np.zeros((64, 3), np.float32)), 1, 0, 2, 3))
         with pytest.raises(T.TinyNNError, match="'w'"):
             T.tnn_mul_mat_tiles(s, None, x)
+        # the query decides as tnn_mul_mat_tiles does, without an error
+        assert T.tnn_tiles_apply(s, w41, x) == 1
+        assert T.tnn_tiles_apply(s, w32, x) == 0
+        assert T.tnn_tiles_apply(s, w41, g.inp(np.zeros((3, 32), np.float32))) == 0
     assert T.tnn_tiles_available(GGML_TYPE_F32) == 0 and T.tnn_tiles_available(-1) == 0 and T.tnn_tiles_available(10**6) == 0
 
 

@@ -35,7 +35,6 @@ def softcap(sess, x, cap: float):
     return tnn.tnn_scale(sess, tnn.tnn_tanh(sess, x), cap)
 
 
-TILES_MAX_K = 16384   # tiles.c keeps a row's column scales on the stack
 # the fewest columns of x for which a type's tiled kernel is faster than ggml's on the bench machine
 # (README, "Speed"): with one column there is nothing to share; Q5_0 against tinyBLAS needs 4
 TILES_MIN_COLS = {GGML_TYPE_Q4_1: 2, GGML_TYPE_Q5_0: 4, GGML_TYPE_Q8_0: 2}
@@ -43,16 +42,11 @@ TILES_MIN_COLS = {GGML_TYPE_Q4_1: 2, GGML_TYPE_Q5_0: 4, GGML_TYPE_Q8_0: 2}
 
 def tiled_matmul(sess, w, x):
     """w x, as tnn_matmul computes it, through a tiled kernel (tnn_mul_mat_tiles: bit for bit
-    ggml_mul_mat's numbers, up to 2x as fast) where w is a 2-D Q4_1, Q5_0 or Q8_0 weight this
-    machine runs it for (tnn_tiles_available) and x a 2-D F32 matrix of at least TILES_MIN_COLS
-    columns with contiguous rows; through tnn_matmul otherwise."""
-    k, w_type = tnn.tnn_tensor_ne(w, 0), tnn.tnn_tensor_type(w)
-    min_cols = TILES_MIN_COLS.get(w_type)
-    if (min_cols is not None and tnn.tnn_tensor_ne(x, 1) >= min_cols and tnn.tnn_tensor_type(x) == GGML_TYPE_F32
-            and tnn.tnn_tensor_ne(w, 2) == tnn.tnn_tensor_ne(w, 3) == 1
-            and tnn.tnn_tensor_ne(x, 2) == tnn.tnn_tensor_ne(x, 3) == 1
-            and tnn.tnn_tensor_nb(x, 0) == 4 and k % 32 == 0 and k <= TILES_MAX_K
-            and not tnn.tnn_tensor_is_repacked(sess, w) and tnn.tnn_tiles_available(w_type)):
+    ggml_mul_mat's numbers, up to 2x as fast) where x has at least TILES_MIN_COLS columns for w's
+    type and the shim takes the pair (tnn_tiles_apply: a 2-D Q4_1/Q5_0/Q8_0 weight this machine runs
+    the kernel for, a 2-D F32 x with contiguous rows); through tnn_matmul otherwise."""
+    min_cols = TILES_MIN_COLS.get(tnn.tnn_tensor_type(w))
+    if min_cols is not None and tnn.tnn_tensor_ne(x, 1) >= min_cols and tnn.tnn_tiles_apply(sess, w, x):
         return tnn.tnn_mul_mat_tiles(sess, w, x)
     return tnn.tnn_matmul(sess, w, x)
 
