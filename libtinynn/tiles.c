@@ -1,5 +1,6 @@
-/* Weight x activation products that unpack each weight block once for four activation columns,
- * for the weight types where ggml's CPU kernels on AVX2 redo that work per column.
+/* Weight x activation products for the weight types where ggml's CPU kernels on AVX2 leave speed
+ * on the table: batched products that unpack each weight block once for four activation columns,
+ * and single-column products (decode) that interleave rows and prefetch the weights.
  *
  * Why it exists: ggml_mul_mat of N > 1 columns (prefill, batched decoding, speculative
  * verification) runs, per weight type on AVX2:
@@ -8,15 +9,18 @@
  *   Q5_0, Q8_0   llamafile's tinyBLAS_Q0_AVX, in tiles of at most 4 rows x 2 columns (16 vector
  *                registers), so every Q5_0 block is unpacked N / 2 times.
  * Here a weight block is unpacked once and met by 4 columns, whose scales are converted once per
- * 64 rows.
+ * 64 rows. With N = 1 (single-stream decode) ggml runs the type's vec_dot a row at a time: one
+ * chain of dependent FMAs per row, and no prefetch. Here two rows run at once and the weights a
+ * few rows ahead are prefetched.
  *
  * Each result is bit for bit ggml's: per (row, column) the same float operations in the same
- * order as the kernel ggml runs for that type and N >= 2; only integer unpacking and exact
- * scale conversions are shared between columns. Integer dot products are exact (no intermediate
+ * order as the kernel ggml runs for that type and N; only integer unpacking and exact scale
+ * conversions are shared between columns. Integer dot products are exact (no intermediate
  * saturates for these value ranges), so AVX-VNNI builds of ggml agree too.
  *   Q4_1 (vec_dot):    acc = fma(d_w * d_x, float(dot), acc), summs = fma(m_w, s_x, summs) per block
  *                      (GCC and Clang fuse ggml's summs += m * s); result hsum(acc) + summs.
- *   Q5_0/Q8_0 (tinyBLAS): acc = fma(d_w * d_x, float(dot of |w| and x * sign(w)), acc) per block;
+ *   Q5_0/Q8_0 (tinyBLAS for N >= 2, vec_dot for N = 1: the same operations):
+ *                      acc = fma(d_w * d_x, float(dot of |w| and x * sign(w)), acc) per block;
  *                      result hsum(acc).
  * tnn_tiles_available(type) checks that claim at run time against ggml_mul_mat itself (a small
  * graph computed by ggml's CPU backend) and reports the kernel unavailable where it does not
@@ -126,10 +130,90 @@ TILES_TARGET static INLINE void row_x_cols(enum ggml_type w_type, int nc, int nb
         out[c * out_stride] = hsum_float_8(acc[c]) + (w_type == GGML_TYPE_Q4_1 ? s[c] : 0.0f);
 }
 
+/* One column. ggml's vec_dot at N = 1 takes a row at a time, a chain of dependent FMAs, and leaves
+ * the weights to the hardware prefetcher. Here COL1_ROWS rows go at once, each with its own
+ * accumulator and ggml's operations for that row, while the rows PREFETCH_AHEAD further on are
+ * prefetched (README, "Speed": without the prefetch this is slower than ggml's). xd / xs: the
+ * column's d and s as floats, per block. */
+enum { COL1_ROWS = 2, PREFETCH_AHEAD = 4 };
+TILES_TARGET static INLINE void rows_x_col1(enum ggml_type w_type, int nr, int nb, const char * w_rows,
+                                             size_t w_stride, const void * y, const float * xd, const float * xs,
+                                             float * out, int n_prefetch, size_t row_bytes) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < n_prefetch; i++)
+        for (size_t o = 0; o < row_bytes; o += 64)
+            _mm_prefetch(w_rows + (PREFETCH_AHEAD + i) * w_stride + o, _MM_HINT_T0);
+    __m256 acc[COL1_ROWS];
+    float summs[COL1_ROWS];
+#pragma GCC unroll 2
+    for (int i = 0; i < nr; i++) { acc[i] = _mm256_setzero_ps(); summs[i] = 0.0f; }
+    for (int b = 0; b < nb; b++) {
+        const __m256 dx = _mm256_set1_ps(xd[b]);
+        const __m256i yq = w_type == GGML_TYPE_Q4_1
+            ? _mm256_loadu_si256((const __m256i *) ((const q8_1_block *) y + b)->qs)
+            : _mm256_loadu_si256((const __m256i *) ((const q8_0_block *) y + b)->qs);
+#pragma GCC unroll 2
+        for (int i = 0; i < nr; i++) {
+            const char * w_row = w_rows + i * w_stride;
+            __m256i wu, xq;
+            __m256 dw;
+            if (w_type == GGML_TYPE_Q4_1) {
+                const q4_1_block * w = (const q4_1_block *) w_row + b;
+                dw = _mm256_set1_ps(_cvtsh_ss(w->d));
+                summs[i] = __builtin_fmaf(_cvtsh_ss(w->m), xs[b], summs[i]);
+                const __m128i lo = _mm_loadu_si128((const __m128i *) w->qs);
+                wu = _mm256_and_si256(_mm256_set1_epi8(0xF), _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo));
+                xq = yq;
+            } else {
+                __m256i wq;
+                if (w_type == GGML_TYPE_Q5_0) {
+                    const q5_0_block * w = (const q5_0_block *) w_row + b;
+                    dw = _mm256_set1_ps(_cvtsh_ss(w->d));
+                    wq = unpack_q5_0(w);
+                } else {
+                    const q8_0_block * w = (const q8_0_block *) w_row + b;
+                    dw = _mm256_set1_ps(_cvtsh_ss(w->d));
+                    wq = _mm256_loadu_si256((const __m256i *) w->qs);
+                }
+                wu = _mm256_sign_epi8(wq, wq);
+                xq = _mm256_sign_epi8(yq, wq);
+            }
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(wu, xq)));
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), dot, acc[i]);   /* d_w * d_x, as ggml */
+        }
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < nr; i++) out[i] = hsum_float_8(acc[i]) + (w_type == GGML_TYPE_Q4_1 ? summs[i] : 0.0f);
+}
+
+/* rows [r0, r1) of dst = w * xq for a single column xq */
+TILES_TARGET static INLINE void rows_x_one_col(enum ggml_type w_type, struct ggml_tensor * dst,
+                                               const struct ggml_tensor * w, const struct ggml_tensor * xq,
+                                               int64_t r0, int64_t r1) {
+    const int nb = (int) (w->ne[0] / 32);
+    const size_t x_block = w_type == GGML_TYPE_Q4_1 ? sizeof(q8_1_block) : sizeof(q8_0_block);
+    const size_t row_bytes = (size_t) nb * ggml_type_size(w_type), w_stride = w->nb[1];
+    float xd[MAX_BLOCKS], xs[MAX_BLOCKS];
+    for (int b = 0; b < nb; b++) {
+        const uint16_t * blk = (const uint16_t *) ((const char *) xq->data + b * x_block);
+        xd[b] = _cvtsh_ss(blk[0]);
+        xs[b] = w_type == GGML_TYPE_Q4_1 ? _cvtsh_ss(blk[1]) : 0.0f;
+    }
+    float * out = (float *) dst->data;
+    for (int64_t r = r0; r < r1; r += COL1_ROWS) {
+        const char * rows = (const char *) w->data + r * w_stride;
+        const int64_t ahead = r1 - (r + PREFETCH_AHEAD);   /* this thread's rows left past the prefetch point */
+        const int n_prefetch = ahead <= 0 ? 0 : ahead < COL1_ROWS ? (int) ahead : COL1_ROWS;
+        if (r1 - r >= COL1_ROWS) rows_x_col1(w_type, COL1_ROWS, nb, rows, w_stride, xq->data, xd, xs, out + r, n_prefetch, row_bytes);
+        else rows_x_col1(w_type, 1, nb, rows, w_stride, xq->data, xd, xs, out + r, n_prefetch, row_bytes);
+    }
+}
+
 /* rows [r0, r1) of dst = w * xq (xq: every column, quantized), for one weight type */
 TILES_TARGET static INLINE void rows_x_cols(enum ggml_type w_type, struct ggml_tensor * dst,
                                             const struct ggml_tensor * w, const struct ggml_tensor * xq,
                                             int64_t r0, int64_t r1) {
+    if (xq->ne[1] == 1) { rows_x_one_col(w_type, dst, w, xq, r0, r1); return; }
     const int nb = (int) (w->ne[0] / 32);
     const int64_t n_cols = xq->ne[1];
     const size_t dst_stride = dst->nb[1] / sizeof(float);
@@ -180,7 +264,9 @@ static void rows_of(struct ggml_tensor * dst, const struct ggml_tensor * w, cons
 #endif
 
 /* ggml_custom_4d callback: dst [M, N] = src[0] (the weight [K, M]) x src[1] (the quantized
- * activations [K, N]); thread ith of nth takes a contiguous run of rows */
+ * activations [K, N]); thread ith of nth takes a contiguous run of rows (measured faster here than
+ * handing out chunks of rows through an atomic counter, as ggml_mul_mat does: each thread then
+ * streams one run of weights) */
 static void tiles_op(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
 #ifdef TILES_X86
@@ -196,7 +282,7 @@ static void tiles_op(struct ggml_tensor * dst, int ith, int nth, void * userdata
 
 #ifdef TILES_X86
 /* Our kernel against ggml_mul_mat, computed by ggml's CPU backend, on pseudo-random weights and
- * activations, 2..7 columns (ggml takes its N >= 2 path), 11 rows: any difference, and the kernel
+ * activations, 1..7 columns (vec_dot at 1, ggml's N >= 2 path from 2), 11 rows: any difference, and the kernel
  * is not used for that type. */
 static bool self_test(enum ggml_type type) {
     const struct ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(type);
@@ -221,7 +307,7 @@ static bool self_test(enum ggml_type type) {
         ggml_get_type_traits_cpu(x_type)->from_float((const float *) x->data + c * K,
                                                      (char *) xq->data + c * xq->nb[1], K);
     bool same = true;
-    for (int n = 2; n <= MAX_COLS && same; n++) {
+    for (int n = 1; n <= MAX_COLS && same; n++) {
         struct ggml_tensor * xn = ggml_view_2d(ctx, x, K, n, x->nb[1], 0);
         struct ggml_tensor * ref = ggml_mul_mat(ctx, w, xn);
         struct ggml_cgraph * gf = ggml_new_graph(ctx);

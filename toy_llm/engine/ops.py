@@ -35,18 +35,20 @@ def softcap(sess, x, cap: float):
     return tnn.tnn_scale(sess, tnn.tnn_tanh(sess, x), cap)
 
 
-# the fewest columns of x for which a type's tiled kernel is faster than ggml's on the bench machine
-# (README, "Speed"): with one column there is nothing to share; Q5_0 against tinyBLAS needs 4
-TILES_MIN_COLS = {GGML_TYPE_Q4_1: 2, GGML_TYPE_Q5_0: 4, GGML_TYPE_Q8_0: 2}
+# the types the tiled kernels take, each with the column counts of x for which ggml's own kernel is
+# faster on the bench machine (README, "Speed"): Q5_0 at 2-3 columns, where tinyBLAS's 4 x 2 tiles
+# already share half the unpacking
+TILED_TYPES = {GGML_TYPE_Q4_1: range(0), GGML_TYPE_Q5_0: range(2, 4), GGML_TYPE_Q8_0: range(0)}
 
 
 def tiled_matmul(sess, w, x):
     """w x, as tnn_matmul computes it, through a tiled kernel (tnn_mul_mat_tiles: bit for bit
-    ggml_mul_mat's numbers, up to 2x as fast) where x has at least TILES_MIN_COLS columns for w's
-    type and the shim takes the pair (tnn_tiles_apply: a 2-D Q4_1/Q5_0/Q8_0 weight this machine runs
-    the kernel for, a 2-D F32 x with contiguous rows); through tnn_matmul otherwise."""
-    min_cols = TILES_MIN_COLS.get(tnn.tnn_tensor_type(w))
-    if min_cols is not None and tnn.tnn_tensor_ne(x, 1) >= min_cols and tnn.tnn_tiles_apply(sess, w, x):
+    ggml_mul_mat's numbers, up to 2x as fast) where w's type is in TILED_TYPES, x's column count is
+    not one ggml is faster at, and the shim takes the pair (tnn_tiles_apply: a 2-D Q4_1/Q5_0/Q8_0
+    weight this machine runs the kernel for, a 2-D F32 x with contiguous rows); through tnn_matmul
+    otherwise."""
+    ggml_faster = TILED_TYPES.get(tnn.tnn_tensor_type(w))
+    if ggml_faster is not None and tnn.tnn_tensor_ne(x, 1) not in ggml_faster and tnn.tnn_tiles_apply(sess, w, x):
         return tnn.tnn_mul_mat_tiles(sess, w, x)
     return tnn.tnn_matmul(sess, w, x)
 
