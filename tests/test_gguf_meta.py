@@ -15,10 +15,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from toy_llm import tinynn as tnn
 from toy_llm.gguf_load import GGUFLoadError, load_config
-from toy_llm.gguf_meta import GGUFMeta, GGUFReaderMeta, TensorInfo
+from toy_llm.gguf_meta import GGUFMeta, GGUFReaderMeta, TensorInfo, decode_strings
 from toy_llm.testing.synthetic import write_model
 from toy_llm.tokenizer import Tokenizer
 
@@ -165,6 +166,18 @@ def test_empty_arrays(tmp_path):
         a = m.get_array("a.empty_i32")
         assert a.shape == (0,) and a.dtype == np.int32
         assert m.get_str_list("a.empty_str") == [] and m.get_int("after") == 5 and m.tensors == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=6) | st.sampled_from([b"\xe2\x82", b"\xe2\x82\xac", b"\x80", b"\xf0\x9f",
+                                                        b"a\x00b", b"\x00", b"\xc3", b"\xa9\xc3"]), max_size=12))
+def test_decode_strings_equals_decoding_each(strings):
+    """The one-pass decode of a string array (joined with NUL, decoded, split) gives what decoding
+    each string alone gives, also for unfinished or stray UTF-8 sequences at the string boundaries and
+    strings holding NUL bytes."""
+    raw = np.frombuffer(b"".join(strings), np.uint8)
+    offs = np.cumsum([0] + [len(b) for b in strings]).astype(np.int64)
+    assert decode_strings(raw, offs) == [b.decode("utf-8", "surrogateescape") for b in strings]
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

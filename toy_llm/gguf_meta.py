@@ -187,6 +187,26 @@ def _refuse_non_regular(p: Path) -> None:
         raise GGUFLoadError(f"{p}: not a regular file ({kind}); expected a GGUF file")
 
 
+def decode_strings(raw: np.ndarray, offs: np.ndarray) -> list[str]:
+    """The strings raw[offs[i]:offs[i + 1]] (UTF-8, undecodable bytes kept as surrogates), decoded in
+    one pass: joined with NUL bytes, decoded and split again, instead of one slice and decode per
+    string (SmolLM2's 49k tokens: ~30 ms). A NUL inside a string gives a wrong count, and then each
+    is decoded alone. The same strings either way: a NUL ends any unfinished UTF-8 sequence before it,
+    as the end of the string does."""
+    n = offs.size - 1
+    if n <= 0:
+        return []
+    lengths = np.diff(offs)
+    joined = np.zeros(int(lengths.sum()) + n - 1, np.uint8)
+    joined[np.arange(joined.size - n + 1) + np.repeat(np.arange(n), lengths)] = raw[offs[0]:offs[-1]]
+    parts = joined.tobytes().decode("utf-8", "surrogateescape").split("\0")
+    if len(parts) == n:
+        return parts
+    o = offs.tolist()
+    data = raw.tobytes()
+    return [data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(o, o[1:])]
+
+
 class GGUFMeta(_MetaBase):
     """A GGUF file opened with libtinynn's ``tnn_gguf_load`` (ggml's reader); close() frees it."""
 
@@ -312,9 +332,7 @@ class GGUFMeta(_MetaBase):
         offs = np.empty(n + 1, dtype=np.int64)
         tnn.tnn_gguf_arr_str_copy(g, i, ffi.from_buffer(buf) if nbytes else ffi.NULL, nbytes,
                                   ffi.from_buffer("int64_t[]", offs), n + 1)
-        o = offs.tolist()
-        raw = bytes(buf)   # (slicing bytes and .decode() is ~1.7x faster than decoding memoryview slices)
-        return [raw[a:b].decode("utf-8", "surrogateescape") for a, b in zip(o, o[1:])]
+        return decode_strings(np.frombuffer(buf, np.uint8), offs)
 
     # ---- tensors
     @property

@@ -722,6 +722,14 @@ def _ids_with(attrs: list[int], mask: int) -> list[int]:
     return np.flatnonzero(a & mask).tolist()
 
 
+def _pair_rank(ranks: dict[str, int], a: str, b: str) -> int | None:
+    """The rank of merging symbols a and b, from ranks keyed by merge text. llama.cpp splits a merge
+    "x y" at its first space after the first character into the pair (x, y) (no such space: the
+    pair ("", "")), so (a, b) is ranked exactly under a + " " + b when a has no space after its
+    first character, and not at all when it has one."""
+    return None if a.find(" ", 1) >= 0 else ranks.get(a + " " + b)
+
+
 class Tokenizer:
     """llama.cpp-compatible tokenizer built from GGUF metadata.
 
@@ -818,11 +826,11 @@ class Tokenizer:
         merges = meta.get("tokenizer.ggml.merges")
         if merges is None:
             raise ValueError("BPE tokenizer without tokenizer.ggml.merges")
-        # llama.cpp splits at the first space after the first byte; no space -> ("", "")
-        pairs = [(m[:pos], m[pos + 1:]) if (pos := m.find(" ", 1)) >= 0 else ("", "") for m in merges]
-        # emplace() keeps the first rank of a duplicated pair: insert in reverse order
-        n = len(pairs)
-        self._bpe_ranks = dict(zip(reversed(pairs), range(n - 1, -1, -1)))
+        # ranked by the merge's own text (no (a, b) tuple per merge: 50k of them were a third of
+        # SmolLM2's start-up); _pair_rank reads it as llama.cpp's pairs. emplace() keeps the first
+        # rank of a duplicated merge: insert in reverse order.
+        n = len(merges)
+        self._bpe_ranks = dict(zip(reversed(merges), range(n - 1, -1, -1)))
 
     def _load_vocab(self, meta: dict[str, Any]) -> None:
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -1216,7 +1224,7 @@ class Tokenizer:
         prv = list(range(-1, n - 1))
         heap = []
         for i in range(n - 1):
-            rank = ranks.get((syms[i], syms[i + 1]))
+            rank = _pair_rank(ranks, syms[i], syms[i + 1])
             if rank is not None:
                 heap.append((rank, i, i + 1, syms[i] + syms[i + 1]))
         heapq.heapify(heap)
@@ -1232,11 +1240,11 @@ class Tokenizer:
                 prv[nxt[right]] = left
             p, q = prv[left], nxt[left]
             if p >= 0:
-                rank = ranks.get((syms[p], merged))
+                rank = _pair_rank(ranks, syms[p], merged)
                 if rank is not None:
                     heapq.heappush(heap, (rank, p, left, syms[p] + merged))
             if q >= 0:
-                rank = ranks.get((merged, syms[q]))
+                rank = _pair_rank(ranks, merged, syms[q])
                 if rank is not None:
                     heapq.heappush(heap, (rank, left, q, merged + syms[q]))
         return [s for s in syms if s]
