@@ -134,9 +134,9 @@ int          tnn_upload_from_float_array(tnn_session * sess, tnn_tensor * t, con
 tnn_tensor * tnn_get_rows(tnn_session * sess, tnn_tensor * table, tnn_tensor * ids);
 tnn_tensor * tnn_matmul(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);    /* ggml_mul_mat(w, x): ne=[w.ne1, x.ne1, ...] */
 /* The same product for a 2-D Q4_1, Q5_0 or Q8_0 w and a 2-D F32 x on the CPU backend, bit for bit
- * ggml_mul_mat's for 2 or more columns, by kernels that unpack each weight block once per four
- * columns of x (tiles.c): x is quantized (Q8_1 / Q8_0) by a ggml_cpy node, then one custom node
- * multiplies. No backward (inference graphs only). tnn_tiles_available(type): 1 where this CPU and
+ * ggml_mul_mat's, by kernels that unpack each weight block once per four columns of x, or for one
+ * column run two rows at once with the weights prefetched (tiles.c): x is quantized (Q8_1 / Q8_0)
+ * by a ggml_cpy node, then one custom node multiplies. No backward (inference graphs only). tnn_tiles_available(type): 1 where this CPU and
  * ggml build pass the kernel's bit-exactness self-test against ggml_mul_mat for that weight type. */
 int tnn_tiles_available(int type);
 int tnn_tiles_apply(tnn_session * sess, tnn_tensor * w, tnn_tensor * x);   /* 1: tnn_mul_mat_tiles takes w x, 0: not */

@@ -20,5 +20,5 @@ class BuildContext:
     cache: KVCache
     tap: Callable   # tap(t, name, layer=None, head=None) -> t (hook_points.Trace)
     # mm(sess, w, x) -> w x for a weight w: ops.tiled_matmul in inference graphs on the CPU (the same
-    # numbers, faster for batches), tnn_matmul in training graphs (the tiled kernel has no backward)
+    # numbers, faster), tnn_matmul in training graphs (the tiled kernel has no backward)
     mm: Callable = tnn.tnn_matmul
