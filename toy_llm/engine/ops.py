@@ -38,7 +38,7 @@ def softcap(sess, x, cap: float):
 # the types the tiled kernels take, each with the column counts of x for which ggml's own kernel is
 # faster on the bench machine (README, "Speed"): Q5_0 at 2-3 columns, where tinyBLAS's 4 x 2 tiles
 # already share half the unpacking
-TILED_TYPES = {GGML_TYPE_Q4_1: range(0), GGML_TYPE_Q5_0: range(2, 4), GGML_TYPE_Q8_0: range(0)}
+TILED_TYPES = {GGML_TYPE_Q4_1: (), GGML_TYPE_Q5_0: (2, 3), GGML_TYPE_Q8_0: ()}
 
 
 def tiled_matmul(sess, w, x):
