@@ -278,7 +278,9 @@ def test_unsupported_model_files_raise():
 
 
 def test_tokenize_speed():
-    """A ~128-token prompt must tokenize in well under 50 ms, cold caches included."""
+    """A ~128-token prompt must tokenize in well under 50 ms, cold caches included (a quadratic
+    slip shows here). Best of 3 fresh tokenizers: this VM once stalled one encode for 150 ms (a
+    full CI run, where ~2 ms is usual), and a stall does not repeat where a slow algorithm does."""
     require_models()
     prompt = ("You are a helpful assistant. Please summarize the following paragraph in two "
               "sentences, keeping the key facts: The quick brown fox jumps over the lazy dog "
@@ -288,10 +290,12 @@ def test_tokenize_speed():
               "Thanks a lot, and have a great day! Привет, 世界.")
     for name in ("ggml-vocab-llama-bpe.gguf", "ggml-vocab-llama-spm.gguf",
                  "ggml-vocab-gemma-4.gguf", "ggml-vocab-deepseek-llm.gguf"):
-        tok = Tokenizer.from_gguf(MODELS_DIR / name)  # fresh: empty word cache
-        start = time.perf_counter()
-        ids = tok.encode(prompt, parse_special=True)
-        elapsed = time.perf_counter() - start
+        elapsed = float("inf")
+        for _ in range(3):
+            tok = Tokenizer.from_gguf(MODELS_DIR / name)  # fresh: empty word cache
+            start = time.perf_counter()
+            ids = tok.encode(prompt, parse_special=True)
+            elapsed = min(elapsed, time.perf_counter() - start)
         assert 100 <= len(ids) <= 200, (name, len(ids))
         assert elapsed < 0.025, f"{name}: {elapsed * 1e3:.1f} ms for {len(ids)} tokens"
 
