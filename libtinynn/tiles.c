@@ -78,49 +78,74 @@ TILES_TARGET static INLINE __m256i unpack_q5_0(const q5_0_block * b) {
     return _mm256_or_si256(q, _mm256_andnot_si256(bit, _mm256_set1_epi8((char) 0xF0)));
 }
 
+/* A weight block as maddubs takes it. wu: the weights as unsigned bytes (its first operand); wq: the
+ * signed weights, whose signs move onto the activations (Q5_0 / Q8_0; Q4_1's are unsigned already);
+ * d: the block's scale, broadcast; m: Q4_1's minimum. w_type is a constant where this is inlined. */
+typedef struct { __m256i wu, wq; __m256 d; float m; } weight_block;
+TILES_TARGET static INLINE weight_block load_weight_block(enum ggml_type w_type, const void * w_row, int b) {
+    weight_block k;
+    k.m = 0.0f;
+    if (w_type == GGML_TYPE_Q4_1) {
+        const q4_1_block * w = (const q4_1_block *) w_row + b;
+        k.d = _mm256_set1_ps(_cvtsh_ss(w->d));
+        k.m = _cvtsh_ss(w->m);
+        const __m128i lo = _mm_loadu_si128((const __m128i *) w->qs);
+        k.wu = k.wq = _mm256_and_si256(_mm256_set1_epi8(0xF), _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo));
+        return k;
+    }
+    if (w_type == GGML_TYPE_Q5_0) {
+        const q5_0_block * w = (const q5_0_block *) w_row + b;
+        k.d = _mm256_set1_ps(_cvtsh_ss(w->d));
+        k.wq = unpack_q5_0(w);
+    } else {
+        const q8_0_block * w = (const q8_0_block *) w_row + b;
+        k.d = _mm256_set1_ps(_cvtsh_ss(w->d));
+        k.wq = _mm256_loadu_si256((const __m256i *) w->qs);
+    }
+    k.wu = _mm256_sign_epi8(k.wq, k.wq);
+    return k;
+}
+
+/* block b of a quantized column's 32 values (Q8_1 for Q4_1 weights, Q8_0 otherwise) */
+TILES_TARGET static INLINE __m256i column_block(enum ggml_type w_type, const void * y, int b) {
+    return w_type == GGML_TYPE_Q4_1 ? _mm256_loadu_si256((const __m256i *) ((const q8_1_block *) y + b)->qs)
+                                    : _mm256_loadu_si256((const __m256i *) ((const q8_0_block *) y + b)->qs);
+}
+
+/* float(dot of a weight block and a column block): exact integer sums (maddubs, then madd) */
+TILES_TARGET static INLINE __m256 block_dot(enum ggml_type w_type, const weight_block * k, __m256i yq) {
+    const __m256i xq = w_type == GGML_TYPE_Q4_1 ? yq : _mm256_sign_epi8(yq, k->wq);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(k->wu, xq)));
+}
+
+/* a quantized column's block scales as floats, xd[step * b] = d (and xs[step * b] = s for Q8_1) */
+TILES_TARGET static INLINE void column_scales(enum ggml_type w_type, const void * y, int nb, float * xd, float * xs,
+                                              int step) {
+    const size_t x_block = w_type == GGML_TYPE_Q4_1 ? sizeof(q8_1_block) : sizeof(q8_0_block);
+    for (int b = 0; b < nb; b++) {
+        const uint16_t * blk = (const uint16_t *) ((const char *) y + b * x_block);
+        xd[step * b] = _cvtsh_ss(blk[0]);
+        xs[step * b] = w_type == GGML_TYPE_Q4_1 ? _cvtsh_ss(blk[1]) : 0.0f;
+    }
+}
+
 /* One weight row against nc <= 4 columns. y[c]: the columns' quantized blocks; xd / xs: their d and
  * s as floats, [block][TILE_COLS]. w_type: the weight's type (a constant where this is inlined). */
 TILES_TARGET static INLINE void row_x_cols(enum ggml_type w_type, int nc, int nb, const void * w_row,
                                             const void * const * y, const float * xd, const float * xs,
                                             float * out, size_t out_stride) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[TILE_COLS];
 #pragma GCC unroll 4   /* unrolled, acc[] lives in registers */
     for (int c = 0; c < nc; c++) acc[c] = _mm256_setzero_ps();
     __m128 summs = _mm_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m256i wu;   /* the weights as unsigned bytes: the first operand of maddubs */
-        __m256i wq;   /* Q5_0 / Q8_0: the signed weights, whose signs move onto the activations */
-        __m256 dw;
-        if (w_type == GGML_TYPE_Q4_1) {
-            const q4_1_block * w = (const q4_1_block *) w_row + b;
-            dw = _mm256_set1_ps(_cvtsh_ss(w->d));
-            summs = _mm_fmadd_ps(_mm_set1_ps(_cvtsh_ss(w->m)), _mm_loadu_ps(xs + TILE_COLS * b), summs);
-            const __m128i lo = _mm_loadu_si128((const __m128i *) w->qs);
-            wu = _mm256_and_si256(_mm256_set1_epi8(0xF), _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo));
-            wq = wu;
-        } else if (w_type == GGML_TYPE_Q5_0) {
-            const q5_0_block * w = (const q5_0_block *) w_row + b;
-            dw = _mm256_set1_ps(_cvtsh_ss(w->d));
-            wq = unpack_q5_0(w);
-            wu = _mm256_sign_epi8(wq, wq);
-        } else {
-            const q8_0_block * w = (const q8_0_block *) w_row + b;
-            dw = _mm256_set1_ps(_cvtsh_ss(w->d));
-            wq = _mm256_loadu_si256((const __m256i *) w->qs);
-            wu = _mm256_sign_epi8(wq, wq);
-        }
+        const weight_block k = load_weight_block(w_type, w_row, b);
+        if (w_type == GGML_TYPE_Q4_1)
+            summs = _mm_fmadd_ps(_mm_set1_ps(k.m), _mm_loadu_ps(xs + TILE_COLS * b), summs);
 #pragma GCC unroll 4
         for (int c = 0; c < nc; c++) {
-            const __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss(xd + TILE_COLS * b + c));   /* d_w * d_x */
-            __m256i xq;
-            if (w_type == GGML_TYPE_Q4_1) {
-                xq = _mm256_loadu_si256((const __m256i *) ((const q8_1_block *) y[c] + b)->qs);
-            } else {
-                xq = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) ((const q8_0_block *) y[c] + b)->qs), wq);
-            }
-            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(wu, xq)));
-            acc[c] = _mm256_fmadd_ps(d, dot, acc[c]);
+            const __m256 d = _mm256_mul_ps(k.d, _mm256_broadcast_ss(xd + TILE_COLS * b + c));   /* d_w * d_x */
+            acc[c] = _mm256_fmadd_ps(d, block_dot(w_type, &k, column_block(w_type, y[c], b)), acc[c]);
         }
     }
     float s[4];
@@ -139,7 +164,6 @@ enum { COL1_ROWS = 2, PREFETCH_AHEAD = 4 };
 TILES_TARGET static INLINE void rows_x_col1(enum ggml_type w_type, int nr, int nb, const char * w_rows,
                                              size_t w_stride, const void * y, const float * xd, const float * xs,
                                              float * out, int n_prefetch, size_t row_bytes) {
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int i = 0; i < n_prefetch; i++)
         for (size_t o = 0; o < row_bytes; o += 64)
             _mm_prefetch(w_rows + (PREFETCH_AHEAD + i) * w_stride + o, _MM_HINT_T0);
@@ -149,37 +173,12 @@ TILES_TARGET static INLINE void rows_x_col1(enum ggml_type w_type, int nr, int n
     for (int i = 0; i < nr; i++) { acc[i] = _mm256_setzero_ps(); summs[i] = 0.0f; }
     for (int b = 0; b < nb; b++) {
         const __m256 dx = _mm256_set1_ps(xd[b]);
-        const __m256i yq = w_type == GGML_TYPE_Q4_1
-            ? _mm256_loadu_si256((const __m256i *) ((const q8_1_block *) y + b)->qs)
-            : _mm256_loadu_si256((const __m256i *) ((const q8_0_block *) y + b)->qs);
+        const __m256i yq = column_block(w_type, y, b);
 #pragma GCC unroll 2
         for (int i = 0; i < nr; i++) {
-            const char * w_row = w_rows + i * w_stride;
-            __m256i wu, xq;
-            __m256 dw;
-            if (w_type == GGML_TYPE_Q4_1) {
-                const q4_1_block * w = (const q4_1_block *) w_row + b;
-                dw = _mm256_set1_ps(_cvtsh_ss(w->d));
-                summs[i] = __builtin_fmaf(_cvtsh_ss(w->m), xs[b], summs[i]);
-                const __m128i lo = _mm_loadu_si128((const __m128i *) w->qs);
-                wu = _mm256_and_si256(_mm256_set1_epi8(0xF), _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo));
-                xq = yq;
-            } else {
-                __m256i wq;
-                if (w_type == GGML_TYPE_Q5_0) {
-                    const q5_0_block * w = (const q5_0_block *) w_row + b;
-                    dw = _mm256_set1_ps(_cvtsh_ss(w->d));
-                    wq = unpack_q5_0(w);
-                } else {
-                    const q8_0_block * w = (const q8_0_block *) w_row + b;
-                    dw = _mm256_set1_ps(_cvtsh_ss(w->d));
-                    wq = _mm256_loadu_si256((const __m256i *) w->qs);
-                }
-                wu = _mm256_sign_epi8(wq, wq);
-                xq = _mm256_sign_epi8(yq, wq);
-            }
-            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(wu, xq)));
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), dot, acc[i]);   /* d_w * d_x, as ggml */
+            const weight_block k = load_weight_block(w_type, w_rows + i * w_stride, b);
+            if (w_type == GGML_TYPE_Q4_1) summs[i] = __builtin_fmaf(k.m, xs[b], summs[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(k.d, dx), block_dot(w_type, &k, yq), acc[i]);   /* d_w * d_x */
         }
     }
 #pragma GCC unroll 2
@@ -191,14 +190,9 @@ TILES_TARGET static INLINE void rows_x_one_col(enum ggml_type w_type, struct ggm
                                                const struct ggml_tensor * w, const struct ggml_tensor * xq,
                                                int64_t r0, int64_t r1) {
     const int nb = (int) (w->ne[0] / 32);
-    const size_t x_block = w_type == GGML_TYPE_Q4_1 ? sizeof(q8_1_block) : sizeof(q8_0_block);
     const size_t row_bytes = (size_t) nb * ggml_type_size(w_type), w_stride = w->nb[1];
     float xd[MAX_BLOCKS], xs[MAX_BLOCKS];
-    for (int b = 0; b < nb; b++) {
-        const uint16_t * blk = (const uint16_t *) ((const char *) xq->data + b * x_block);
-        xd[b] = _cvtsh_ss(blk[0]);
-        xs[b] = w_type == GGML_TYPE_Q4_1 ? _cvtsh_ss(blk[1]) : 0.0f;
-    }
+    column_scales(w_type, xq->data, nb, xd, xs, 1);
     float * out = (float *) dst->data;
     for (int64_t r = r0; r < r1; r += COL1_ROWS) {
         const char * rows = (const char *) w->data + r * w_stride;
@@ -217,7 +211,6 @@ TILES_TARGET static INLINE void rows_x_cols(enum ggml_type w_type, struct ggml_t
     const int nb = (int) (w->ne[0] / 32);
     const int64_t n_cols = xq->ne[1];
     const size_t dst_stride = dst->nb[1] / sizeof(float);
-    const size_t x_block = w_type == GGML_TYPE_Q4_1 ? sizeof(q8_1_block) : sizeof(q8_0_block);
     float xd[TILE_COLS * MAX_BLOCKS], xs[TILE_COLS * MAX_BLOCKS];
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t rb_end = rb + ROW_BLOCK < r1 ? rb + ROW_BLOCK : r1;
@@ -226,10 +219,10 @@ TILES_TARGET static INLINE void rows_x_cols(enum ggml_type w_type, struct ggml_t
             const void * y[TILE_COLS];
             for (int c = 0; c < TILE_COLS; c++) {
                 y[c] = (const char *) xq->data + (c0 + (c < nc ? c : 0)) * xq->nb[1];
-                for (int b = 0; b < nb; b++) {
-                    const uint16_t * blk = (const uint16_t *) ((const char *) y[c] + b * x_block);
-                    xd[TILE_COLS * b + c] = c < nc ? _cvtsh_ss(blk[0]) : 0.0f;
-                    xs[TILE_COLS * b + c] = c < nc && w_type == GGML_TYPE_Q4_1 ? _cvtsh_ss(blk[1]) : 0.0f;
+                if (c < nc) {
+                    column_scales(w_type, y[c], nb, xd + c, xs + c, TILE_COLS);
+                } else {   /* lanes of no column: computed beside the others, never read */
+                    for (int b = 0; b < nb; b++) xd[TILE_COLS * b + c] = xs[TILE_COLS * b + c] = 0.0f;
                 }
             }
             float * out = (float *) dst->data + c0 * dst_stride;
